@@ -1,0 +1,291 @@
+"""``edge-ser``: the command line, a thin layer over the library API.
+
+Every sub-command takes ``--json`` and then prints its result as one JSON object on the last line of
+stdout. Errors print one line ``edge-ser: error: ...`` on stderr (and ``{"ok": false, "error": ...}``
+with ``--json``) and exit non-zero. Heavy libraries (torch, onnxruntime) are imported only by the
+sub-command that needs them, so ``edge-ser --help`` is instant.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any, Callable, Dict
+
+EPILOG = """\
+the pipeline:
+  server:  edge-ser corpus info CORPUS          what is in a corpus (speakers, classes, problems)
+           edge-ser pack CORPUS -o demo.pack    distil it into a signed pack of a few synthetic samples
+           edge-ser publish demo.pack --broker mqtt://127.0.0.1:1883 --topic ser/packs
+  device:  edge-ser agent --broker mqtt://127.0.0.1:1883 --topic ser/packs   receive, verify, train
+           edge-ser train-local demo.pack -o model/    train from the pack, export ONNX / TFLite
+           edge-ser listen model/                      live emotion from the microphone
+  both:    edge-ser evaluate model/ CORPUS --speakers 19-24     UAR on held-out speakers
+           edge-ser doctor                             what runtimes this machine has
+
+CORPUS may be "demo" for the built-in synthetic demo corpus (no download; not for accuracy claims).
+Add --json to any command for one machine-readable JSON object on the last line of stdout.
+"""
+
+
+class CliError(Exception):
+    """An error the user can fix: printed as one line, exit status 1."""
+
+
+def _json_default(obj):
+    try:
+        import numpy as np
+
+        if isinstance(obj, np.generic):
+            return obj.item()
+        if isinstance(obj, np.ndarray):
+            return obj.tolist()
+    except ImportError:
+        pass
+    if isinstance(obj, (set, tuple)):
+        return list(obj)
+    return str(obj)
+
+
+def emit(result: Dict[str, Any], as_json: bool, human: Callable[[Dict[str, Any]], str] | None = None) -> None:
+    """Print ``result``: readable text, or one JSON object on the last line with ``--json``."""
+    if as_json:
+        sys.stdout.write(json.dumps(result, default=_json_default, sort_keys=True) + "\n")
+    else:
+        text = human(result) if human else _plain(result)
+        sys.stdout.write(text.rstrip() + "\n")
+    sys.stdout.flush()
+
+
+def _plain(result: Dict[str, Any], indent: str = "") -> str:
+    lines = []
+    for key, value in result.items():
+        if isinstance(value, dict) and value and len(json.dumps(value, default=_json_default)) > 70:
+            lines.append(f"{indent}{key}:")
+            lines.append(_plain(value, indent + "  "))
+        elif isinstance(value, float):
+            lines.append(f"{indent}{key}: {value:.4g}")
+        else:
+            lines.append(f"{indent}{key}: {json.dumps(value, default=_json_default) if isinstance(value, (list, dict)) else value}")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- sub-commands (lazy imports inside)
+
+def cmd_corpus_info(a):
+    from .corpora.report import corpus_info, format_report
+
+    return corpus_info(a.path, fmt=a.format), format_report
+
+
+def cmd_pack(a):
+    from .api import pack
+
+    return pack(a.corpus, a.output, method=a.method, ipc=a.ipc, test_speakers=a.test_speakers, seed=a.seed,
+                fmt=a.format, key=a.key, model=a.model, iterations=a.iterations, progress=not a.json), None
+
+
+def cmd_pack_inspect(a):
+    from .pack import format_inspect, inspect_pack
+
+    return inspect_pack(a.pack, public_key=a.public_key), format_inspect
+
+
+def cmd_keygen(a):
+    from .signing import keygen
+
+    return keygen(a.out_dir, name=a.name, force=a.force), None
+
+
+def cmd_publish(a):
+    from .transport import publish
+
+    return publish(a.pack, a.broker, a.topic, username=a.username, password=a.password, cafile=a.cafile,
+                   chunk_size=a.chunk_size, timeout=a.timeout), None
+
+
+def cmd_agent(a):
+    from .transport import run_agent
+
+    return run_agent(a.broker, a.topic, store=a.store, public_key=a.public_key, username=a.username,
+                     password=a.password, cafile=a.cafile, train=a.train, once=a.once, timeout=a.timeout,
+                     memory_budget_mb=a.memory_budget_mb, threads=a.threads), None
+
+
+def cmd_train_local(a):
+    from .local import train_local
+
+    return train_local(a.pack, a.output, memory_budget_mb=a.memory_budget_mb, threads=a.threads,
+                       public_key=a.public_key, export=not a.no_export, progress=not a.json), None
+
+
+def cmd_evaluate(a):
+    from .evaluate import evaluate, format_evaluation
+
+    return evaluate(a.model, a.corpus, speakers=a.speakers, fmt=a.format, runtime=a.runtime), format_evaluation
+
+
+def cmd_listen(a):
+    from .stream import listen_cli
+
+    return listen_cli(a), None
+
+
+def cmd_doctor(a):
+    from .doctor import doctor, format_doctor
+
+    return doctor(), format_doctor
+
+
+# ---------------------------------------------------------------- parser
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--json", action="store_true", help="print one JSON object on the last line of stdout")
+    p = argparse.ArgumentParser(
+        prog="edge-ser", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
+        description="Speech emotion recognition for edge devices, trained from distilled packs "
+                    "(the emotional speech never leaves the server).")
+    from . import __version__
+
+    p.add_argument("--version", action="version", version=f"edge-ser {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    fmt_help = "corpus layout (default: detected): ravdess, emodb, cremad, tess, iemocap, csv, folders, demo"
+
+    def add(name, help, fn, **kw):
+        sp = sub.add_parser(name, help=help, description=help, parents=[common],
+                            formatter_class=argparse.RawDescriptionHelpFormatter, **kw)
+        sp.set_defaults(fn=fn)
+        return sp
+
+    corpus = sub.add_parser("corpus", help="inspect a corpus", description="inspect a corpus")
+    csub = corpus.add_subparsers(dest="corpus_command", metavar="SUBCOMMAND")
+    ci = csub.add_parser("info", help="speakers, classes, files, hours and problems of a corpus", parents=[common])
+    ci.add_argument("path", help="corpus folder, CSV manifest, or 'demo'")
+    ci.add_argument("--format", help=fmt_help)
+    ci.set_defaults(fn=cmd_corpus_info)
+
+    sp = add("pack", "distil a corpus into a signed pack (server side); 'pack inspect PACK' shows one", cmd_pack,
+             epilog="example:\n  edge-ser pack ../shared/corpora/ravdess -o ravdess.pack --ipc 10 --test-speakers 19-24\n"
+                    "  edge-ser pack inspect ravdess.pack")
+    sp.add_argument("corpus", help="corpus folder, CSV manifest, or 'demo' (built-in synthetic demo corpus)")
+    sp.add_argument("-o", "--output", help="pack file to write")
+    sp.add_argument("--method", default=None,
+                    help="distillation method: fixed-init (default), mtt, dm, dc, random, herding, kcenter")
+    sp.add_argument("--ipc", type=int, default=10, help="synthetic samples per class (default 10)")
+    sp.add_argument("--test-speakers", default=None,
+                    help="speakers held out of distillation, e.g. 19-24 or A,B (default: last quarter)")
+    sp.add_argument("--seed", type=int, default=0, help="seed for the initialisation and distillation")
+    sp.add_argument("--format", help=fmt_help)
+    sp.add_argument("--key", help="Ed25519 private key to sign with (default: ~/.config/edge-ser/signing.key)")
+    sp.add_argument("--model", default="convnet", help="model architecture: convnet (default) or cnn6")
+    sp.add_argument("--iterations", type=int, default=None, help="distillation iterations (default: method's)")
+
+    psub_inspect = sub.add_parser("pack-inspect", help=argparse.SUPPRESS, parents=[common])
+    psub_inspect.add_argument("pack")
+    psub_inspect.add_argument("--public-key")
+    psub_inspect.set_defaults(fn=cmd_pack_inspect)
+
+    sp = add("keygen", "make an Ed25519 signing key pair for packs", cmd_keygen,
+             epilog="writes signing.key (keep it on the server) and signing.pub (copy it to devices)")
+    sp.add_argument("--out-dir", default=None, help="folder for the key pair (default: ~/.config/edge-ser)")
+    sp.add_argument("--name", default="signing", help="file name stem (default: signing)")
+    sp.add_argument("--force", action="store_true", help="overwrite an existing key pair")
+
+    def mqtt_args(sp):
+        sp.add_argument("--broker", required=True, help="mqtt://HOST:PORT or mqtts://HOST:PORT (TLS)")
+        sp.add_argument("--topic", required=True, help="topic prefix, e.g. ser/packs")
+        sp.add_argument("--username", default=os.environ.get("EDGE_SER_MQTT_USERNAME"))
+        sp.add_argument("--password", default=os.environ.get("EDGE_SER_MQTT_PASSWORD"),
+                        help="or set EDGE_SER_MQTT_PASSWORD")
+        sp.add_argument("--cafile", help="CA certificate for mqtts://")
+        sp.add_argument("--timeout", type=float, default=60.0, help="seconds to wait (default 60)")
+
+    sp = add("publish", "publish a pack to devices over MQTT (chunked, QoS 1, retained)", cmd_publish)
+    sp.add_argument("pack")
+    mqtt_args(sp)
+    sp.add_argument("--chunk-size", type=int, default=60_000, help="bytes per chunk (<= 65536)")
+
+    sp = add("agent", "device agent: receive packs over MQTT, verify, store atomically, optionally train", cmd_agent)
+    mqtt_args(sp)
+    sp.add_argument("--store", default=None, help="where packs live (default: ~/.local/share/edge-ser)")
+    sp.add_argument("--public-key", help="Ed25519 public key that packs must be signed with")
+    sp.add_argument("--train", action="store_true", help="run train-local on every new pack")
+    sp.add_argument("--once", action="store_true", help="exit after the first pack is stored")
+    sp.add_argument("--memory-budget-mb", type=float, default=None)
+    sp.add_argument("--threads", type=int, default=None)
+
+    sp = add("train-local", "train the compact model from a pack on this device and export it", cmd_train_local,
+             epilog="example:\n  edge-ser train-local demo.pack -o model/ --memory-budget-mb 400 --threads 1")
+    sp.add_argument("pack")
+    sp.add_argument("-o", "--output", required=True, help="model folder to write")
+    sp.add_argument("--memory-budget-mb", type=float, default=None, help="peak RSS budget; refuse if it cannot fit")
+    sp.add_argument("--threads", type=int, default=None, help="CPU threads for training (default: all)")
+    sp.add_argument("--public-key", help="Ed25519 public key the pack must be signed with")
+    sp.add_argument("--no-export", action="store_true", help="train and check only; skip ONNX/TFLite export")
+
+    sp = add("evaluate", "UAR / WA / F1 / confusion of a model on (held-out speakers of) a corpus", cmd_evaluate)
+    sp.add_argument("model", help="model folder, or one exported file (.onnx, .tflite, .pt)")
+    sp.add_argument("corpus", help="corpus folder, CSV manifest, or 'demo'")
+    sp.add_argument("--speakers", default=None, help="only these speakers, e.g. 19-24 (default: the pack's test speakers)")
+    sp.add_argument("--format", help=fmt_help)
+    sp.add_argument("--runtime", default=None, help="torch, onnx, onnx-int8, tflite (default: from MODEL)")
+
+    sp = add("listen", "live emotion recognition from a microphone (or --file)", cmd_listen,
+             epilog="examples:\n  edge-ser listen model/ --list-devices\n  edge-ser listen model/ --file speech.wav")
+    sp.add_argument("model", nargs="?", help="model folder or exported file")
+    sp.add_argument("--file", help="stream a wav/flac file through the identical path instead of a microphone")
+    sp.add_argument("--device", help="input device name or index (see --list-devices)")
+    sp.add_argument("--list-devices", action="store_true", help="list audio input devices and exit")
+    sp.add_argument("--runtime", default=None, help="onnx-int8 (default), onnx, tflite")
+    sp.add_argument("--window", type=float, default=None, help="window seconds (default: the model's clip length)")
+    sp.add_argument("--hop", type=float, default=0.5, help="seconds between results (default 0.5)")
+    sp.add_argument("--smooth", type=int, default=3, help="average probabilities over this many hops (default 3)")
+    sp.add_argument("--vad-db", type=float, default=-45.0, help="skip windows quieter than this RMS dBFS")
+    sp.add_argument("--duration", type=float, default=None, help="stop after this many seconds")
+    sp.add_argument("--mqtt-topic", help="also publish each result to this topic (needs --broker)")
+    sp.add_argument("--broker", help="mqtt://HOST:PORT for --mqtt-topic")
+    sp.add_argument("--realtime", action="store_true", help="with --file: pace the file at real time")
+
+    add("doctor", "check this machine's runtimes and what is missing", cmd_doctor)
+    return p
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if len(argv) >= 2 and argv[0] == "pack" and argv[1] == "inspect":
+        argv = ["pack-inspect"] + argv[2:]
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "fn", None):
+        parser.print_help()
+        return 0 if not argv else 2
+    as_json = getattr(args, "json", False)
+    try:
+        result, human = args.fn(args)
+    except KeyboardInterrupt:
+        _fail("interrupted", as_json)
+        return 130
+    except (CliError, ValueError, FileNotFoundError, PermissionError, OSError, RuntimeError) as exc:
+        _fail(_one_line(exc), as_json)
+        return 1
+    if result is not None:
+        emit(result, as_json, human)
+    return 0 if not (isinstance(result, dict) and result.get("ok") is False) else 1
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return text or type(exc).__name__
+
+
+def _fail(message: str, as_json: bool) -> None:
+    sys.stderr.write(f"edge-ser: error: {message}\n")
+    if as_json:
+        sys.stdout.write(json.dumps({"ok": False, "error": message}) + "\n")
+        sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

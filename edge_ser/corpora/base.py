@@ -1,0 +1,79 @@
+"""What every corpus layout yields: utterances (path, label, speaker) and a list of problems.
+
+A layout module implements :class:`Layout` (``detect`` and ``scan``); scanning never reads audio, it
+only maps file names/manifests to labels and speakers. Decoding problems surface later, per file.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import List, Sequence, Tuple
+
+AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".aiff", ".aif", ".mp3")
+
+
+@dataclass(frozen=True)
+class Utterance:
+    path: str      # absolute path
+    label: str     # canonical class name
+    speaker: str   # speaker id as the corpus names it
+    rel: str       # path relative to the corpus root (for reports and caches)
+
+
+@dataclass(frozen=True)
+class Problem:
+    path: str
+    reason: str
+    severity: str = "error"   # "error": file left out; "note": file used, but worth knowing
+
+    def line(self) -> str:
+        return f"{self.severity}: {self.path}: {self.reason}"
+
+
+@dataclass
+class Corpus:
+    """A scanned corpus: ``utterances`` usable, ``problems`` one line each, ``classes`` in label order."""
+
+    name: str
+    root: str
+    format: str
+    classes: Tuple[str, ...]
+    utterances: List[Utterance]
+    problems: List[Problem] = field(default_factory=list)
+
+    @property
+    def speakers(self) -> List[str]:
+        from ..data import _natural_key
+
+        return sorted({u.speaker for u in self.utterances}, key=_natural_key)
+
+
+class Layout:
+    """One corpus layout. ``name`` is what ``--format`` accepts."""
+
+    name: str = ""
+    description: str = ""
+
+    def detect(self, root: Path) -> bool:
+        raise NotImplementedError
+
+    def scan(self, root: Path) -> Corpus:
+        raise NotImplementedError
+
+
+def audio_files(root: Path) -> List[Path]:
+    """Every audio file under ``root`` (recursive, sorted, hidden files skipped)."""
+    out = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in sorted(filenames):
+            if not name.startswith(".") and name.lower().endswith(AUDIO_EXTENSIONS):
+                out.append(Path(dirpath) / name)
+    return out
+
+
+def ordered_classes(found: Sequence[str], canonical: Sequence[str]) -> Tuple[str, ...]:
+    """Classes present, in the layout's canonical order (unknown ones after, alphabetically)."""
+    present = set(found)
+    return tuple([c for c in canonical if c in present] + sorted(present - set(canonical)))
