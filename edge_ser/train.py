@@ -100,7 +100,7 @@ def fit(model: torch.nn.Module, X: np.ndarray, y: np.ndarray, cfg: TrainConfig =
             loss.backward()
             opt.step()
             sched.step()
-            total += float(loss) * len(idx)
+            total += float(loss.detach()) * len(idx)
             seen += len(idx)
         record = {"epoch": epoch + 1, "loss": total / max(1, seen), "seconds": time.perf_counter() - t0}
         if val is not None:

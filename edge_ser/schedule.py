@@ -1,0 +1,96 @@
+"""How a device trains the fixed initialisation on a synthetic set: the schedule that travels in a pack.
+
+Distillation optimises the synthetic set *for this exact procedure* (and may learn its step size), and
+``train-local`` replays it, so server-side evaluation and on-device training cannot drift apart.
+
+>>> s = Schedule(lr=0.02, epochs=200)
+>>> Schedule.from_dict(s.to_dict()) == s
+True
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Dict, List, Optional
+
+import numpy as np
+
+from .config import _JsonMixin
+
+
+@dataclass(frozen=True)
+class Schedule(_JsonMixin):
+    optimizer: str = "sgd"      # "sgd" | "adam"
+    lr: float = 0.01            # learned by the distiller where it can be
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+    epochs: int = 100           # passes over the synthetic set
+    batch_size: int = 0         # 0: the whole synthetic set in every step
+    augment: bool = False       # SpecAugment-style masking on the synthetic set
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.optimizer not in ("sgd", "adam"):
+            raise ValueError(f"schedule optimizer must be 'sgd' or 'adam', got {self.optimizer!r}")
+        if not (self.lr > 0 and np.isfinite(self.lr)):
+            raise ValueError(f"schedule lr must be a positive finite number, got {self.lr!r}")
+        if self.epochs < 1 or self.batch_size < 0:
+            raise ValueError("schedule needs epochs >= 1 and batch_size >= 0")
+
+    def steps(self, n: int) -> int:
+        """Optimiser steps for a synthetic set of ``n`` samples."""
+        bs = n if self.batch_size in (0, None) or self.batch_size >= n else self.batch_size
+        return self.epochs * (-(-n // bs))
+
+
+def train_schedule(model, X: np.ndarray, y: np.ndarray, schedule: Schedule, progress: bool = False,
+                   on_step=None) -> List[Dict]:
+    """Train ``model`` (in place, from whatever weights it holds: θ0 on a device) on the synthetic set.
+
+    ``y`` is int labels (N,) or soft labels (N, C). Deterministic for a given torch build and thread
+    count. Returns one record per epoch (loss, seconds).
+    """
+    import torch
+
+    from .train import loss_fn, spec_augment
+
+    gen = torch.Generator().manual_seed(schedule.seed)
+    Xt = torch.as_tensor(np.asarray(X, dtype=np.float32))
+    yt = torch.as_tensor(np.asarray(y))
+    n = len(Xt)
+    bs = n if schedule.batch_size in (0, None) or schedule.batch_size >= n else schedule.batch_size
+    if schedule.optimizer == "sgd":
+        opt = torch.optim.SGD(model.parameters(), lr=schedule.lr, momentum=schedule.momentum,
+                              weight_decay=schedule.weight_decay)
+    else:
+        opt = torch.optim.Adam(model.parameters(), lr=schedule.lr, weight_decay=schedule.weight_decay)
+    history: List[Dict] = []
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=schedule.epochs, desc="train-local", unit="epoch", leave=False)
+    model.train()
+    for epoch in range(schedule.epochs):
+        t0, total = time.perf_counter(), 0.0
+        order = torch.randperm(n, generator=gen) if bs < n else torch.arange(n)
+        for s in range(0, n, bs):
+            idx = order[s: s + bs]
+            xb = Xt[idx]
+            if schedule.augment:
+                xb = spec_augment(xb, model.input_norm.mean, gen)
+            loss = loss_fn(model(xb), yt[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total += float(loss.detach()) * len(idx)
+            if on_step:
+                on_step()
+        history.append({"epoch": epoch + 1, "loss": total / n, "seconds": time.perf_counter() - t0})
+        if bar is not None:
+            bar.set_postfix(loss=f"{total / n:.3f}")
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    model.eval()
+    return history
