@@ -21,6 +21,7 @@ the pipeline:
   device:  edge-ser agent --broker mqtt://127.0.0.1:1883 --topic ser/packs   receive, verify, train
            edge-ser train-local demo.pack -o model/    train from the pack, export ONNX / TFLite
            edge-ser listen model/                      live emotion from the microphone
+  demo:    edge-ser demo                               all of the above on the built-in demo corpus
   both:    edge-ser evaluate model/ CORPUS --speakers 19-24     UAR on held-out speakers
            edge-ser doctor                             what runtimes this machine has
 
@@ -130,6 +131,12 @@ def cmd_listen(a):
     from .stream import listen_cli
 
     return listen_cli(a), None
+
+
+def cmd_demo(a):
+    from .demo import run_demo
+
+    return run_demo(a.workdir, ipc=a.ipc, quiet=a.json), None
 
 
 def cmd_doctor(a):
@@ -249,6 +256,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--realtime", action="store_true", help="with --file: pace the file at real time")
 
     add("doctor", "check this machine's runtimes and what is missing", cmd_doctor)
+
+    sp = add("demo", "run the whole pipeline on the built-in demo corpus (offline, a few minutes)", cmd_demo)
+    sp.add_argument("--workdir", help="where to put keys, pack and model (default: a new temp folder)")
+    sp.add_argument("--ipc", type=int, default=10, help="synthetic samples per class (default 10)")
     return p
 
 
