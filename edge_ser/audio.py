@@ -5,7 +5,6 @@ integer and float. Problems that are not fatal (stereo, clipping, DC offset) are
 """
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass, field
 from fractions import Fraction
@@ -76,6 +75,8 @@ def check_samples(samples: np.ndarray, sample_rate: int, path="<array>", notes: 
     seconds = samples.size / float(sample_rate)
     if seconds < MIN_SECONDS:
         raise AudioError(path, f"too short ({seconds:.3f} s < {MIN_SECONDS} s)")
+    # clipping is judged on the samples as stored (full scale), before any DC offset is taken out
+    clipped = float(np.mean(np.abs(samples) >= 0.999))
     mean = float(samples.mean())
     if abs(mean) > 0.01:
         notes.append(f"DC offset {mean:+.3f} removed")
@@ -83,7 +84,6 @@ def check_samples(samples: np.ndarray, sample_rate: int, path="<array>", notes: 
     peak = float(np.max(np.abs(samples)))
     if peak < SILENCE_PEAK:
         raise AudioError(path, f"silent (peak {peak:.2e})")
-    clipped = float(np.mean(np.abs(samples) >= 0.999))
     if clipped > 0.001:
         notes.append(f"clipping in {clipped:.1%} of samples")
     return samples.astype(np.float32, copy=False)
@@ -120,7 +120,10 @@ def load_audio(path, sample_rate: int = 16000, max_seconds: float = MAX_SECONDS)
         raise AudioError(path, f"cannot decode ({_short(exc)})") from None
     notes: List[str] = []
     if data.shape[0] < info.frames:
-        notes.append(f"truncated: header says {info.frames} frames, read {data.shape[0]}")
+        raise AudioError(path, f"truncated: header says {info.frames} frames, only {data.shape[0]} could be read")
+    declared = _wav_declared_frames(path)
+    if declared is not None and data.shape[0] < declared:
+        raise AudioError(path, f"truncated: WAV header declares {declared} frames, the file holds {data.shape[0]}")
     if data.shape[1] > 1:
         notes.append(f"stereo ({data.shape[1]} channels) mixed to mono" if data.shape[1] == 2
                      else f"{data.shape[1]} channels mixed to mono")
@@ -129,6 +132,31 @@ def load_audio(path, sample_rate: int = 16000, max_seconds: float = MAX_SECONDS)
     if rate != sample_rate:
         mono = resample(mono, rate, sample_rate)
     return Audio(samples=mono, sample_rate=sample_rate, source_rate=int(rate), channels=int(data.shape[1]), notes=notes)
+
+
+def _wav_declared_frames(path: str):
+    """Frames a RIFF/WAVE header declares in its data chunk (libsndfile silently shortens a truncated
+    file to what is there); ``None`` when not a plain WAV or the size is a streaming placeholder."""
+    import struct
+
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(1 << 16)
+    except OSError:
+        return None
+    if len(head) < 12 or head[:4] != b"RIFF" or head[8:12] != b"WAVE":
+        return None
+    pos, block_align = 12, None
+    while pos + 8 <= len(head):
+        cid, size = head[pos:pos + 4], struct.unpack("<I", head[pos + 4:pos + 8])[0]
+        if cid == b"fmt " and pos + 8 + 14 <= len(head):
+            block_align = struct.unpack("<H", head[pos + 20:pos + 22])[0]
+        elif cid == b"data":
+            if not block_align or size in (0, 0xFFFFFFFF):
+                return None
+            return size // block_align
+        pos += 8 + size + (size & 1)
+    return None
 
 
 def _short(exc: Exception) -> str:

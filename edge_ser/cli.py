@@ -249,7 +249,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--window", type=float, default=None, help="window seconds (default: the model's clip length)")
     sp.add_argument("--hop", type=float, default=0.5, help="seconds between results (default 0.5)")
     sp.add_argument("--smooth", type=int, default=3, help="average probabilities over this many hops (default 3)")
-    sp.add_argument("--vad-db", type=float, default=-45.0, help="skip windows quieter than this RMS dBFS")
+    sp.add_argument("--vad-db", type=float, default=-55.0,
+                    help="skip windows quieter than this level in dBFS (loudest 10%% of 20 ms frames; default -55)")
+    sp.add_argument("--samplerate", type=int, default=None, help="capture rate (default: the device's own)")
     sp.add_argument("--duration", type=float, default=None, help="stop after this many seconds")
     sp.add_argument("--mqtt-topic", help="also publish each result to this topic (needs --broker)")
     sp.add_argument("--broker", help="mqtt://HOST:PORT for --mqtt-topic")

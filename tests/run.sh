@@ -6,7 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-SYSTEM_PACKAGES="mosquitto libportaudio2 alsa-utils libasound2-plugins openssl"
+SYSTEM_PACKAGES="mosquitto libportaudio2 alsa-utils libasound2-plugins pulseaudio openssl"
 missing=""
 for p in $SYSTEM_PACKAGES; do dpkg -s "$p" >/dev/null 2>&1 || missing="$missing $p"; done
 if [ -n "$missing" ]; then

@@ -8,7 +8,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import List, Sequence, Tuple
+import itertools
+from typing import Iterator, List, Sequence, Tuple
 
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".aiff", ".aif", ".mp3")
 
@@ -64,16 +65,36 @@ class Layout:
 
 def audio_files(root: Path) -> List[Path]:
     """Every audio file under ``root`` (recursive, sorted, hidden files skipped)."""
-    out = []
+    return list(iter_audio_files(root)) if root.is_dir() else []
+
+
+def iter_audio_files(root: Path) -> Iterator[Path]:
+    """Audio files under ``root`` in the same order as :func:`audio_files`, lazily (cheap detection)."""
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         for name in sorted(filenames):
             if not name.startswith(".") and name.lower().endswith(AUDIO_EXTENSIONS):
-                out.append(Path(dirpath) / name)
-    return out
+                yield Path(dirpath) / name
 
 
-def ordered_classes(found: Sequence[str], canonical: Sequence[str]) -> Tuple[str, ...]:
+def sample_audio_files(root: Path, limit: int = 200) -> List[Path]:
+    """The first ``limit`` audio files under ``root`` (what layouts look at to detect themselves)."""
+    if not root.is_dir():
+        return []
+    return list(itertools.islice(iter_audio_files(root), limit))
+
+
+def mostly(files: Sequence[Path], test, fraction: float = 0.8) -> bool:
+    """True when at least ``fraction`` of ``files`` (and at least one) pass ``test``."""
+    return bool(files) and sum(bool(test(f)) for f in files) >= fraction * len(files)
+
+
+#: Shared class vocabulary: every layout maps its own codes onto these names where they mean the same,
+#: so models and reports read alike across corpora. Layout-specific classes keep their own name.
+CANONICAL = ("neutral", "calm", "happy", "sad", "angry", "fearful", "disgust", "surprised", "bored")
+
+
+def ordered_classes(found: Sequence[str], canonical: Sequence[str] = CANONICAL) -> Tuple[str, ...]:
     """Classes present, in the layout's canonical order (unknown ones after, alphabetically)."""
     present = set(found)
     return tuple([c for c in canonical if c in present] + sorted(present - set(canonical)))

@@ -4,7 +4,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from .base import Corpus, Layout, Problem, Utterance, audio_files, ordered_classes
+from .base import Corpus, Layout, Problem, Utterance, audio_files, mostly, ordered_classes, sample_audio_files
 
 EMOTIONS = {"01": "neutral", "02": "calm", "03": "happy", "04": "sad", "05": "angry", "06": "fearful",
             "07": "disgust", "08": "surprised"}
@@ -17,8 +17,7 @@ class Ravdess(Layout):
     description = "RAVDESS: Actor_NN/03-01-EE-II-SS-RR-AA.wav"
 
     def detect(self, root: Path) -> bool:
-        files = audio_files(root)[:50]
-        return bool(files) and sum(bool(NAME.match(f.stem)) for f in files) >= 0.8 * len(files)
+        return mostly(sample_audio_files(root, 50), lambda f: NAME.match(f.stem))
 
     def scan(self, root: Path) -> Corpus:
         utts, problems = [], []
