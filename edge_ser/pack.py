@@ -1,0 +1,638 @@
+"""The pack: one signed file with a synthetic training set, the fixed initialisation θ0 and everything a
+device needs to train and check itself. Writing, safe loading (no code execution) and inspection.
+
+Container (format 1.x): a ZIP archive (stored or deflated members only) holding
+
+==========================  =================================================================
+``manifest.json``           format, format_version (semver), sequence, configs, classes, schedule,
+                            provenance, theta0_sha256, golden_tolerance and, per member, its
+                            SHA-256, byte length, dtype and shape
+``signature.json``          optional: ``{"algorithm": "ed25519", "key_id", "signature" (base64)}``
+                            over the exact bytes of ``manifest.json``
+``data/X.npy``              (M, n_mels, frames) float32 synthetic log-Mels
+``data/y.npy``              (M,) int64 labels or (M, C) float32 soft labels
+``golden/inputs.npy``       (G, n_mels, frames) float32 golden inputs
+``golden/logits.npy``       (G, C) float32 logits of θ0 trained with the schedule, on those inputs
+``calibration/X.npy``       optional (K, n_mels, frames) float32 int8-calibration features
+``theta0/<tensor>.npy``     one array per state-dict entry of the initial model
+==========================  =================================================================
+
+Loading never unpickles (arrays are parsed from their ``.npy`` header and raw bytes with a dtype
+allow-list), accepts only allow-listed member names, checks declared sizes against caps before
+reading (decompression bombs), refuses an unknown major format version, and verifies every member's
+SHA-256 against the manifest, and the manifest against the Ed25519 signature. The pack id is the
+SHA-256 of ``manifest.json``, so it names the content exactly.
+
+>>> p = load_pack("demo.pack", public_key="signing.pub")           # doctest: +SKIP
+>>> p.classes, p.X.shape, p.signed                                  # doctest: +SKIP
+(('neutral', ...), (80, 64, 298), True)
+"""
+from __future__ import annotations
+
+import base64
+import hashlib
+import io
+import json
+import os
+import re
+import sys
+import time
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, Mapping, Optional, Tuple
+
+import numpy as np
+
+from .config import FeatureConfig, ModelConfig
+from .schedule import Schedule
+
+FORMAT = "edge-ser-pack"
+FORMAT_VERSION = "1.0.0"
+SUPPORTED_MAJOR = 1
+MANIFEST = "manifest.json"
+SIGNATURE = "signature.json"
+ALLOW_UNSIGNED_ENV = "EDGE_SER_ALLOW_UNSIGNED"
+
+_FIXED_MEMBERS = {"data/X.npy", "data/y.npy", "golden/inputs.npy", "golden/logits.npy", "calibration/X.npy"}
+_THETA_RE = re.compile(r"^theta0/([A-Za-z0-9_]+(?:\.[A-Za-z0-9_]+)*)\.npy$")
+_DTYPES = {"<f4": np.float32, "<i8": np.int64}
+_SEMVER = re.compile(r"^(\d+)\.(\d+)\.(\d+)$")
+
+
+@dataclass(frozen=True)
+class PackLimits:
+    """Caps checked *before* anything is decompressed or allocated."""
+
+    max_file_bytes: int = 512 << 20
+    max_members: int = 512
+    max_member_bytes: int = 256 << 20
+    max_total_bytes: int = 768 << 20
+    max_manifest_bytes: int = 1 << 20
+    max_ratio: int = 200               # uncompressed / compressed per member (deflate tops out near 1000) ...
+    ratio_floor: int = 16 << 20        # ... checked only for members larger than this (constant arrays are legit)
+
+
+LIMITS = PackLimits()
+
+
+class PackError(ValueError):
+    """A pack that cannot be used: one line naming the file and the cause."""
+
+
+@dataclass
+class Pack:
+    """A verified, loaded pack. Arrays are private copies owned by the object (torch can wrap them)."""
+
+    path: str
+    pack_id: str
+    sequence: int
+    format_version: str
+    classes: Tuple[str, ...]
+    feature_config: FeatureConfig
+    model_config: ModelConfig
+    schedule: Schedule
+    theta0: Dict[str, np.ndarray]
+    theta0_sha256: str
+    X: np.ndarray
+    y: np.ndarray
+    golden_inputs: np.ndarray
+    golden_logits: np.ndarray
+    golden_tolerance: float
+    calibration: Optional[np.ndarray]
+    provenance: Dict[str, Any]
+    signed: bool
+    key_id: Optional[str]
+    created: str = ""
+    manifest: Dict[str, Any] = field(default_factory=dict, repr=False)
+
+    @property
+    def hard_labels(self) -> np.ndarray:
+        return self.y if self.y.ndim == 1 else self.y.argmax(axis=1)
+
+    @property
+    def ipc(self) -> Optional[int]:
+        return self.provenance.get("ipc")
+
+    @property
+    def method(self) -> Optional[str]:
+        return self.provenance.get("method")
+
+
+# ---------------------------------------------------------------- small helpers
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def file_sha256(path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def state_sha256(arrays: Mapping[str, np.ndarray]) -> str:
+    """Identical to :func:`edge_ser.models.state_sha256` (kept here so reading a pack needs no torch)."""
+    h = hashlib.sha256()
+    for key in sorted(arrays):
+        arr = np.ascontiguousarray(arrays[key])
+        arr = arr.astype(arr.dtype.newbyteorder("<"), copy=False)
+        h.update(key.encode() + b"\0" + arr.dtype.str.encode() + b"\0" + repr(tuple(arr.shape)).encode() + b"\0")
+        h.update(arr.tobytes(order="C"))
+    return h.hexdigest()
+
+
+def parse_version(text: Any) -> Tuple[int, int, int]:
+    m = _SEMVER.match(str(text))
+    if not m:
+        raise PackError(f"format_version {text!r} is not semver MAJOR.MINOR.PATCH")
+    return int(m.group(1)), int(m.group(2)), int(m.group(3))
+
+
+def allowed_member(name: str) -> bool:
+    """True for the member names a pack may hold (no directories, no traversal, nothing else)."""
+    return name in (MANIFEST, SIGNATURE) or name in _FIXED_MEMBERS or bool(_THETA_RE.match(name))
+
+
+def npy_bytes(arr: np.ndarray) -> bytes:
+    arr = np.asarray(arr)
+    arr = arr if arr.flags.c_contiguous else arr.copy(order="C")   # (keeps 0-d arrays 0-d)
+    if arr.dtype.str not in _DTYPES:
+        raise ValueError(f"pack arrays must be float32 or int64, got {arr.dtype}")
+    buf = io.BytesIO()
+    np.lib.format.write_array(buf, arr, version=(1, 0), allow_pickle=False)
+    return buf.getvalue()
+
+
+def parse_npy(data: bytes, where: str) -> np.ndarray:
+    """Parse ``.npy`` bytes without pickle and without trusting the header's shape for allocation."""
+    fmt = np.lib.format
+    buf = io.BytesIO(data)
+    try:
+        major, minor = fmt.read_magic(buf)
+        if (major, minor) == (1, 0):
+            shape, fortran, dtype = fmt.read_array_header_1_0(buf, max_header_size=4096)
+        elif (major, minor) == (2, 0):
+            shape, fortran, dtype = fmt.read_array_header_2_0(buf, max_header_size=4096)
+        else:
+            raise ValueError(f"npy version {major}.{minor}")
+    except Exception as exc:
+        raise PackError(f"{where}: not a valid .npy array ({' '.join(str(exc).split())[:120]})") from None
+    if dtype.str not in _DTYPES or dtype.hasobject:
+        raise PackError(f"{where}: dtype {dtype.str} not allowed (float32 / int64 only)")
+    if len(shape) > 4 or any((not isinstance(d, int)) or d < 0 for d in shape):
+        raise PackError(f"{where}: bad array shape {shape}")
+    count = 1
+    for d in shape:
+        count *= d
+    offset = buf.tell()
+    if count * dtype.itemsize != len(data) - offset:
+        raise PackError(f"{where}: header says {shape} {dtype.str} ({count * dtype.itemsize} bytes) "
+                        f"but {len(data) - offset} bytes follow")
+    arr = np.frombuffer(data, dtype=dtype, count=count, offset=offset)
+    arr = arr.reshape(shape[::-1]).T if fortran else arr.reshape(shape)
+    return np.array(arr, dtype=_DTYPES[dtype.str], copy=True, order="C")
+
+
+def _warn(message: str) -> None:
+    sys.stderr.write(f"edge-ser: WARNING: {message}\n")
+    sys.stderr.flush()
+
+
+def _allow_unsigned_env() -> bool:
+    return os.environ.get(ALLOW_UNSIGNED_ENV, "").strip().lower() in ("1", "true", "yes")
+
+
+# ---------------------------------------------------------------- writing
+
+def write_pack(path, *, X, y, classes, feature_config: FeatureConfig, model_config: ModelConfig,
+               schedule: Schedule, theta0: Mapping[str, np.ndarray], golden_inputs, golden_logits,
+               golden_tolerance: float, provenance: Optional[dict] = None, calibration=None,
+               sequence: Optional[int] = None, private_key=None, created_ms: Optional[int] = None,
+               format_version: str = FORMAT_VERSION) -> dict:
+    """Write a pack atomically (temp file, fsync, rename); sign it when ``private_key`` is given
+    (an Ed25519 key object or a PEM path). Returns ``{"path", "pack_id", "bytes", "sequence", "signed"}``.
+
+    >>> write_pack("x.pack", X=X, y=y, classes=cls, feature_config=fc, model_config=mc, schedule=s,
+    ...            theta0=state_arrays(model), golden_inputs=gi, golden_logits=gl, golden_tolerance=0.05,
+    ...            private_key="signing.key")                  # doctest: +SKIP
+    """
+    created_ms = int(time.time() * 1000) if created_ms is None else int(created_ms)
+    sequence = created_ms if sequence is None else int(sequence)
+    X = np.ascontiguousarray(X, dtype=np.float32)
+    y = np.asarray(y)
+    y = np.ascontiguousarray(y, dtype=np.int64 if y.ndim == 1 else np.float32)
+    members: Dict[str, bytes] = {
+        "data/X.npy": npy_bytes(X), "data/y.npy": npy_bytes(y),
+        "golden/inputs.npy": npy_bytes(np.asarray(golden_inputs, dtype=np.float32)),
+        "golden/logits.npy": npy_bytes(np.asarray(golden_logits, dtype=np.float32)),
+    }
+    if calibration is not None:
+        members["calibration/X.npy"] = npy_bytes(np.asarray(calibration, dtype=np.float32))
+    theta = {}
+    for k, v in theta0.items():
+        v = np.asarray(v)
+        v = v.astype(np.int64 if v.dtype.kind in "iu" else np.float32)
+        name = f"theta0/{k}.npy"
+        if not _THETA_RE.match(name):
+            raise ValueError(f"tensor name {k!r} not allowed in a pack")
+        members[name] = npy_bytes(v)
+        theta[k] = v
+    table = {}
+    for name, data in members.items():
+        arr_header = parse_npy(data, name)
+        table[name] = {"sha256": sha256_bytes(data), "bytes": len(data), "dtype": arr_header.dtype.str,
+                       "shape": list(arr_header.shape)}
+    manifest = {
+        "format": FORMAT, "format_version": format_version, "sequence": sequence,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(created_ms / 1000)),
+        "created_ms": created_ms, "classes": list(classes),
+        "feature_config": feature_config.to_dict(), "model_config": model_config.to_dict(),
+        "schedule": schedule.to_dict(), "theta0_sha256": state_sha256(theta),
+        "golden_tolerance": float(golden_tolerance), "provenance": provenance or {}, "members": table,
+    }
+    manifest_bytes = json.dumps(manifest, sort_keys=True, indent=1, default=_json_default).encode()
+    signature = None
+    if private_key is not None:
+        from . import signing
+
+        key = signing.load_private_key(private_key) if isinstance(private_key, (str, os.PathLike)) else private_key
+        signature = json.dumps({"algorithm": "ed25519", "key_id": signing.key_id(key.public_key()),
+                                "signature": base64.b64encode(signing.sign(manifest_bytes, key)).decode()},
+                               sort_keys=True).encode()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as fh:
+            with zipfile.ZipFile(fh, "w") as zf:
+                def add(name, data, compress):
+                    info = zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0))
+                    info.compress_type = zipfile.ZIP_DEFLATED if compress else zipfile.ZIP_STORED
+                    info.external_attr = 0o644 << 16
+                    zf.writestr(info, data)
+
+                add(MANIFEST, manifest_bytes, False)
+                if signature is not None:
+                    add(SIGNATURE, signature, False)
+                for name in sorted(members):
+                    add(name, members[name], True)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return {"path": str(path), "pack_id": sha256_bytes(manifest_bytes), "bytes": path.stat().st_size,
+            "sequence": sequence, "signed": signature is not None}
+
+
+def _json_default(obj):
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, (set, tuple)):
+        return list(obj)
+    return str(obj)
+
+
+# ---------------------------------------------------------------- reading
+
+@dataclass
+class _Container:
+    manifest_bytes: bytes
+    manifest: dict
+    signature: Optional[dict]
+    arrays: Dict[str, np.ndarray]
+    size: int
+
+
+def _read_container(source, where: str, limits: PackLimits = LIMITS) -> _Container:
+    """Open, bound-check, hash-check and parse every member. ``source`` is a path or bytes."""
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        data = bytes(source)
+        size = len(data)
+        if size > limits.max_file_bytes:
+            raise PackError(f"{where}: {size} bytes is over the {limits.max_file_bytes}-byte pack limit")
+        fileobj = io.BytesIO(data)
+    else:
+        try:
+            size = os.path.getsize(source)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"pack not found: {source}") from None
+        if size > limits.max_file_bytes:
+            raise PackError(f"{where}: {size} bytes is over the {limits.max_file_bytes}-byte pack limit")
+        fileobj = open(source, "rb")
+    try:
+        try:
+            zf = zipfile.ZipFile(fileobj)
+        except Exception as exc:   # BadZipFile, struct.error, zip64 oddities...: all one clear line
+            raise PackError(f"{where}: not an edge-ser pack or truncated ({' '.join(str(exc).split())[:120]})") from None
+        with zf:
+            try:
+                return _read_members(zf, where, limits, size)
+            except PackError:
+                raise
+            except Exception as exc:
+                raise PackError(f"{where}: damaged pack ({type(exc).__name__}: {' '.join(str(exc).split())[:120]})") from None
+    finally:
+        fileobj.close()
+
+
+def _read_members(zf: zipfile.ZipFile, where: str, limits: PackLimits, size: int) -> _Container:
+    infos = zf.infolist()
+    if len(infos) > limits.max_members:
+        raise PackError(f"{where}: {len(infos)} members is over the limit of {limits.max_members}")
+    by_name: Dict[str, zipfile.ZipInfo] = {}
+    total = 0
+    for info in infos:
+        name = info.filename
+        if not allowed_member(name):
+            raise PackError(f"{where}: member name {name[:80]!r} not allowed (path traversal or unknown member)")
+        if name in by_name:
+            raise PackError(f"{where}: duplicate member {name!r}")
+        if info.flag_bits & 0x1:
+            raise PackError(f"{where}: member {name!r} is encrypted")
+        if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+            raise PackError(f"{where}: member {name!r} uses unsupported compression {info.compress_type}")
+        if info.file_size > limits.max_member_bytes:
+            raise PackError(f"{where}: member {name!r} declares {info.file_size} bytes, over the "
+                            f"{limits.max_member_bytes}-byte member limit (decompression bomb?)")
+        if info.file_size > limits.max_ratio * max(info.compress_size, 1) and info.file_size > limits.ratio_floor:
+            raise PackError(f"{where}: member {name!r} expands {info.file_size // max(info.compress_size, 1)}x "
+                            f"(over {limits.max_ratio}x: decompression bomb?)")
+        total += info.file_size
+        by_name[name] = info
+    if total > limits.max_total_bytes:
+        raise PackError(f"{where}: members declare {total} bytes in all, over the {limits.max_total_bytes}-byte limit")
+    if MANIFEST not in by_name:
+        raise PackError(f"{where}: no {MANIFEST}; not an edge-ser pack")
+    if by_name[MANIFEST].file_size > limits.max_manifest_bytes:
+        raise PackError(f"{where}: manifest declares {by_name[MANIFEST].file_size} bytes, over the limit")
+
+    def read(name: str, expected: Optional[int] = None) -> bytes:
+        info = by_name[name]
+        try:
+            with zf.open(info) as fh:
+                data = fh.read(info.file_size + 1)
+        except (zipfile.BadZipFile, OSError, EOFError, ValueError, RuntimeError, NotImplementedError) as exc:
+            raise PackError(f"{where}: member {name!r} unreadable: corrupted or truncated ({exc})") from None
+
+        if len(data) != info.file_size or (expected is not None and len(data) != expected):
+            raise PackError(f"{where}: member {name!r} has {len(data)} bytes, expected "
+                            f"{expected if expected is not None else info.file_size}")
+        return data
+
+    try:
+        manifest_bytes = read(MANIFEST)
+        try:
+            manifest = json.loads(manifest_bytes.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise PackError(f"{where}: manifest is not valid JSON ({exc.__class__.__name__})") from None
+        if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+            raise PackError(f"{where}: manifest does not describe an {FORMAT} (format={manifest.get('format') if isinstance(manifest, dict) else None!r})")
+        version = manifest.get("format_version")
+        major = parse_version(version)[0]
+        if major != SUPPORTED_MAJOR:
+            raise PackError(f"{where}: pack format version {version} is not supported by this edge-ser "
+                            f"(it reads {SUPPORTED_MAJOR}.x); {'upgrade edge-ser on this device' if major > SUPPORTED_MAJOR else 'rebuild the pack'}")
+        table = manifest.get("members")
+        if not isinstance(table, dict):
+            raise PackError(f"{where}: manifest has no member table")
+        listed = set(table)
+        present = set(by_name) - {MANIFEST, SIGNATURE}
+        if listed != present:
+            missing, extra = sorted(listed - present), sorted(present - listed)
+            raise PackError(f"{where}: members differ from the manifest (missing {missing[:5]}, unlisted {extra[:5]})")
+        signature = None
+        if SIGNATURE in by_name:
+            if by_name[SIGNATURE].file_size > 4096:
+                raise PackError(f"{where}: signature member too large")
+            try:
+                signature = json.loads(read(SIGNATURE).decode("utf-8"))
+                if not isinstance(signature, dict):
+                    raise ValueError
+                signature["_raw"] = base64.b64decode(str(signature.get("signature", "")), validate=True)
+            except Exception:
+                raise PackError(f"{where}: signature.json is malformed") from None
+        arrays: Dict[str, np.ndarray] = {}
+        for name in sorted(listed):
+            entry = table[name]
+            if not isinstance(entry, dict) or not isinstance(entry.get("bytes"), int) or not isinstance(entry.get("sha256"), str):
+                raise PackError(f"{where}: manifest entry for {name!r} is malformed")
+            data = read(name, entry["bytes"])
+            if sha256_bytes(data) != entry["sha256"]:
+                raise PackError(f"{where}: member {name!r} fails its SHA-256 check (pack corrupted or tampered)")
+            arr = parse_npy(data, f"{where}: {name}")
+            if arr.dtype.str != entry.get("dtype") or list(arr.shape) != entry.get("shape"):
+                raise PackError(f"{where}: member {name!r} dtype/shape differ from the manifest")
+            arrays[name] = arr
+    except PackError:
+        raise
+    except Exception as exc:  # zlib.error and friends from a damaged archive: still one clear line
+        raise PackError(f"{where}: damaged pack ({type(exc).__name__}: {' '.join(str(exc).split())[:120]})") from None
+    return _Container(manifest_bytes, manifest, signature, arrays, size)
+
+
+def _check_signature(c: _Container, where: str, public_key, require_signature: Optional[bool]):
+    """Apply the signature policy. Returns (signed_and_verified, key_id)."""
+    from . import signing
+
+    if require_signature is None:
+        require_signature = not _allow_unsigned_env()
+    pub = None
+    if public_key is not None:
+        pub = public_key if hasattr(public_key, "verify") else signing.load_public_key(public_key)
+    elif signing.default_public_key().exists():
+        pub = signing.load_public_key(signing.default_public_key())
+    sig = c.signature
+    if sig is None:
+        if require_signature:
+            raise PackError(f"{where}: pack is unsigned; devices refuse unsigned packs "
+                            f"(set {ALLOW_UNSIGNED_ENV}=1 only for local experiments)")
+        _warn(f"{where}: UNSIGNED pack accepted because {ALLOW_UNSIGNED_ENV} / require_signature=False; "
+              "its origin is NOT verified")
+        return False, None
+    if sig.get("algorithm") != "ed25519":
+        raise PackError(f"{where}: unsupported signature algorithm {sig.get('algorithm')!r}")
+    if pub is None:
+        if require_signature:
+            raise PackError(f"{where}: no public key to verify the signature with: pass --public-key "
+                            f"or install one at {signing.default_public_key()}")
+        _warn(f"{where}: signature NOT verified (no public key configured); accepted because unsigned packs are allowed")
+        return False, str(sig.get("key_id"))
+    if not signing.verify(c.manifest_bytes, sig["_raw"], pub):
+        raise PackError(f"{where}: signature does not verify with public key {signing.key_id(pub)} "
+                        f"(pack tampered, or signed by key {str(sig.get('key_id'))[:16]})")
+    return True, signing.key_id(pub)
+
+
+def load_pack(path, public_key=None, require_signature: Optional[bool] = None,
+              limits: PackLimits = LIMITS) -> Pack:
+    """Load and fully verify a pack.
+
+    ``public_key``: PEM path/bytes or key object; default ``$EDGE_SER_HOME/signing.pub`` if present.
+    ``require_signature``: None (default) means required unless ``$EDGE_SER_ALLOW_UNSIGNED=1``; an
+    unsigned or unverifiable pack accepted by that opt-in is announced loudly on stderr.
+
+    >>> pack = load_pack("demo.pack", public_key="~/.config/edge-ser/signing.pub")   # doctest: +SKIP
+    """
+    where = str(path)
+    c = _read_container(path, where, limits)
+    signed, kid = _check_signature(c, where, public_key, require_signature)
+    return _build(c, where, signed, kid)
+
+
+def _build(c: _Container, where: str, signed: bool, kid: Optional[str]) -> Pack:
+    m, a = c.manifest, c.arrays
+    try:
+        classes = tuple(str(x) for x in m["classes"])
+        fc = FeatureConfig.from_dict(m["feature_config"])
+        mc = ModelConfig.from_dict(m["model_config"])
+        sched = Schedule.from_dict(m["schedule"])
+        sequence = int(m["sequence"])
+        tol = float(m["golden_tolerance"])
+        theta_sha = str(m["theta0_sha256"])
+        provenance = dict(m.get("provenance") or {})
+    except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as exc:
+        raise PackError(f"{where}: manifest field invalid or missing ({' '.join(str(exc).split())[:120]})") from None
+    for name in ("data/X.npy", "data/y.npy", "golden/inputs.npy", "golden/logits.npy"):
+        if name not in a:
+            raise PackError(f"{where}: required member {name!r} missing")
+    X, y = a["data/X.npy"], a["data/y.npy"]
+    gi, gl = a["golden/inputs.npy"], a["golden/logits.npy"]
+    C, shape = len(classes), (fc.n_mels, fc.num_frames)
+    problems = []
+    if C < 2 or mc.num_classes != C:
+        problems.append(f"{C} classes but the model has {mc.num_classes} outputs")
+    if X.dtype != np.float32 or X.ndim != 3 or X.shape[1:] != shape or len(X) < 1:
+        problems.append(f"synthetic X has shape {X.shape}, expected (M, {shape[0]}, {shape[1]}) float32")
+    if y.ndim == 1 and y.dtype == np.int64:
+        if len(y) and (y.min() < 0 or y.max() >= C):
+            problems.append("labels out of range")
+    elif not (y.ndim == 2 and y.dtype == np.float32 and y.shape[1] == C):
+        problems.append(f"labels have shape {y.shape} {y.dtype}")
+    if len(y) != len(X):
+        problems.append(f"{len(X)} samples but {len(y)} labels")
+    if gi.ndim != 3 or gi.shape[1:] != shape or gl.shape != (len(gi), C):
+        problems.append(f"golden vectors have shapes {gi.shape} / {gl.shape}")
+    for label, arr in (("X", X), ("golden inputs", gi), ("golden logits", gl)):
+        if not np.isfinite(arr).all():
+            problems.append(f"{label} contain NaN/inf")
+    if problems:
+        raise PackError(f"{where}: invalid contents: {'; '.join(problems)}")
+    theta = {}
+    for name, arr in a.items():
+        mm = _THETA_RE.match(name)
+        if mm:
+            theta[mm.group(1)] = arr
+    if not theta:
+        raise PackError(f"{where}: no θ0 tensors")
+    if state_sha256(theta) != theta_sha:
+        raise PackError(f"{where}: θ0 tensors do not match theta0_sha256")
+    return Pack(path=where, pack_id=sha256_bytes(c.manifest_bytes), sequence=sequence,
+                format_version=str(m["format_version"]), classes=classes, feature_config=fc, model_config=mc,
+                schedule=sched, theta0=theta, theta0_sha256=theta_sha, X=X, y=y, golden_inputs=gi,
+                golden_logits=gl, golden_tolerance=tol, calibration=a.get("calibration/X.npy"),
+                provenance=provenance, signed=signed, key_id=kid, created=str(m.get("created", "")), manifest=m)
+
+
+def read_manifest(path, limits: PackLimits = LIMITS) -> Tuple[str, dict]:
+    """(pack_id, manifest) after the full integrity check but *without* the signature policy."""
+    c = _read_container(path, str(path), limits)
+    return sha256_bytes(c.manifest_bytes), c.manifest
+
+
+# ---------------------------------------------------------------- inspection
+
+def inspect_pack(path, public_key=None) -> dict:
+    """Everything in a pack as a JSON-able dict; integrity is always checked, the signature is checked
+    when a public key is given or installed (``ok`` is False if it does not verify).
+
+    >>> print(format_inspect(inspect_pack("demo.pack")))     # doctest: +SKIP
+    """
+    from . import signing
+
+    where = str(path)
+    c = _read_container(path, where, LIMITS)
+    kid_signed = (c.signature or {}).get("key_id")
+    ok, error = True, None
+    try:
+        if c.signature is None:
+            sig_state = "UNSIGNED (devices refuse it)"
+        elif public_key is None and not signing.default_public_key().exists():
+            sig_state = f"signed by key {kid_signed}; not verified (no public key given)"
+        else:
+            signed, kid = _check_signature(c, where, public_key, require_signature=True)
+            sig_state = f"valid (key {kid})"
+    except PackError as exc:
+        ok, error, sig_state = False, str(exc), "INVALID"
+    pack = _build(c, where, False, kid_signed)
+    m = c.manifest
+    counts = {cls: int((pack.hard_labels == i).sum()) for i, cls in enumerate(pack.classes)}
+    n_params = int(sum(v.size for k, v in pack.theta0.items() if v.dtype == np.float32))
+    out = {
+        "ok": ok, "path": where, "bytes": c.size, "pack_id": pack.pack_id, "format_version": pack.format_version,
+        "sequence": pack.sequence, "created": pack.created, "signature": sig_state,
+        "classes": list(pack.classes), "synthetic": {"samples": int(len(pack.X)), "shape": list(pack.X.shape[1:]),
+                                                     "per_class": counts, "soft_labels": bool(pack.y.ndim == 2)},
+        "model": pack.model_config.to_dict(), "theta0": {"tensors": len(pack.theta0), "values": n_params,
+                                                          "sha256": pack.theta0_sha256},
+        "schedule": pack.schedule.to_dict(), "features": pack.feature_config.to_dict(),
+        "golden": {"inputs": int(len(pack.golden_inputs)), "tolerance": pack.golden_tolerance},
+        "calibration": None if pack.calibration is None else int(len(pack.calibration)),
+        "provenance": pack.provenance,
+        "members": {k: {"bytes": v["bytes"], "sha256": v["sha256"][:16], "shape": v["shape"], "dtype": v["dtype"]}
+                    for k, v in sorted(m["members"].items())},
+    }
+    if error:
+        out["error"] = error
+    return out
+
+
+def format_inspect(info: dict) -> str:
+    """Human-readable text for :func:`inspect_pack`'s result."""
+    p = info.get("provenance", {}) or {}
+    syn = info["synthetic"]
+    lines = [
+        f"pack      {info['path']}  ({info['bytes']:,} bytes)",
+        f"id        {info['pack_id']}",
+        f"format    {info['format_version']}   sequence {info['sequence']}   created {info['created']}",
+        f"signature {info['signature']}",
+        f"classes   {', '.join(info['classes'])}",
+        f"synthetic {syn['samples']} x {syn['shape']} ({'soft' if syn['soft_labels'] else 'hard'} labels); "
+        f"per class {syn['per_class']}",
+        f"model     {info['model']['arch']} channels {info['model']['channels']}  "
+        f"θ0 {info['theta0']['values']:,} values sha256 {info['theta0']['sha256'][:16]}",
+        "schedule  " + ", ".join(f"{k}={v}" for k, v in info["schedule"].items()),
+        f"golden    {info['golden']['inputs']} inputs, tolerance {info['golden']['tolerance']:.3g}",
+    ]
+    if p:
+        lines.append(f"source    corpus {p.get('corpus')}  method {p.get('method')}  ipc {p.get('ipc')}  "
+                     f"train speakers {len(p.get('train_speakers') or [])}  test speakers {p.get('test_speakers')}")
+        if p.get("versions"):
+            lines.append("versions  " + ", ".join(f"{k} {v}" for k, v in p["versions"].items()))
+    lines.append("members")
+    for name, e in info["members"].items():
+        lines.append(f"  {name:<38} {e['bytes']:>10,}  {e['dtype']} {e['shape']}  {e['sha256']}")
+    if info.get("error"):
+        lines.append(f"ERROR     {info['error']}")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- ``edge_ser.pack(...)`` stays callable
+
+class _CallableModule(type(sys)):
+    """``edge_ser.pack`` names both this module and the server API function; once the module is imported
+    it shadows the package attribute, so calling the module runs :func:`edge_ser.api.pack`."""
+
+    def __call__(self, *args, **kwargs):
+        from .api import pack as _pack
+
+        return _pack(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule
