@@ -18,6 +18,9 @@ MIN_SECONDS = 0.2
 SILENCE_PEAK = 1e-4
 #: Longest file read whole (seconds); longer ones are refused rather than exhausting RAM.
 MAX_SECONDS = 600.0
+#: What libsndfile should find inside a file with each extension; a mismatch is decoded by content, noted.
+EXTENSION_FORMATS = {".wav": ("WAV", "WAVEX", "RF64", "W64"), ".flac": ("FLAC",), ".ogg": ("OGG",),
+                     ".mp3": ("MP3",), ".aiff": ("AIFF",), ".aif": ("AIFF",)}
 
 
 class AudioError(ValueError):
@@ -104,6 +107,8 @@ def load_audio(path, sample_rate: int = 16000, max_seconds: float = MAX_SECONDS)
     path = os.fspath(path)
     if not os.path.exists(path):
         raise AudioError(path, "no such file")
+    if not os.path.isfile(path):
+        raise AudioError(path, "not a regular file (a folder, FIFO or device)")
     if os.path.getsize(path) == 0:
         raise AudioError(path, "empty file (0 bytes)")
     try:
@@ -119,6 +124,9 @@ def load_audio(path, sample_rate: int = 16000, max_seconds: float = MAX_SECONDS)
     except Exception as exc:
         raise AudioError(path, f"cannot decode ({_short(exc)})") from None
     notes: List[str] = []
+    ext = os.path.splitext(path)[1].lower()
+    if ext in EXTENSION_FORMATS and info.format not in EXTENSION_FORMATS[ext]:
+        notes.append(f"content is {info.format} although the name ends in {ext}")
     if data.shape[0] < info.frames:
         raise AudioError(path, f"truncated: header says {info.frames} frames, only {data.shape[0]} could be read")
     declared = _wav_declared_frames(path)

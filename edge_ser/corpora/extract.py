@@ -9,7 +9,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import stat
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 from typing import List, Optional, Tuple
 
@@ -31,11 +33,37 @@ def cache_dir() -> Path:
 
 
 def file_sha256(path: str) -> str:
+    """SHA-256 of a regular file; ``OSError`` for anything else (a FIFO would block, a device never end)."""
+    if not stat.S_ISREG(os.stat(path).st_mode):
+        raise OSError(f"not a regular file but {_kind(path)}")
     h = hashlib.sha256()
     with open(path, "rb") as fh:
         for block in iter(lambda: fh.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def _kind(path: str) -> str:
+    mode = os.stat(path).st_mode
+    return "a FIFO" if stat.S_ISFIFO(mode) else "a directory" if stat.S_ISDIR(mode) else "a device or socket"
+
+
+def hash_utterances(corpus: Corpus) -> Tuple[Corpus, List[str], List[Problem]]:
+    """Hash every file; ones that cannot be read (permissions, broken symlink, FIFO, ...) become one
+    problem line each and leave the returned corpus. ``(corpus, hashes, problems)``."""
+    keep, hashes, problems = [], [], []
+    for u in corpus.utterances:
+        try:
+            hashes.append(file_sha256(u.path))
+            keep.append(u)
+        except OSError as exc:
+            why = exc.strerror or str(exc)
+            if isinstance(exc, FileNotFoundError) and os.path.islink(u.path):
+                why = f"broken symbolic link to {os.readlink(u.path)}"
+            problems.append(Problem(u.rel, f"cannot read the file ({why})"))
+    if len(keep) != len(corpus.utterances):
+        corpus = replace(corpus, utterances=keep)
+    return corpus, hashes, problems
 
 
 def _one(args) -> Tuple[Optional[np.ndarray], List[str], Optional[str]]:
@@ -68,7 +96,8 @@ def load_features(path_or_corpus, cfg: FeatureConfig = FeatureConfig(), fmt: Opt
     """
     corpus = path_or_corpus if isinstance(path_or_corpus, Corpus) else open_corpus(path_or_corpus, fmt)
     problems = list(corpus.problems)
-    hashes = [file_sha256(u.path) for u in corpus.utterances]
+    corpus, hashes, unreadable = hash_utterances(corpus)
+    problems += unreadable
     key = corpus_key(corpus, cfg, hashes)
     cache_file = cache_dir() / "features" / f"{corpus.name}-{key}.npz"
     if use_cache and cache_file.exists():

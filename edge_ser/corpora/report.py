@@ -97,12 +97,11 @@ def corpus_info(path, fmt: Optional[str] = None, workers: Optional[int] = None, 
     (24, 8, 1440, [])
     """
     from .detect import open_corpus
-    from .extract import file_sha256
+    from .extract import hash_utterances
 
     t0 = time.perf_counter()
-    corpus = open_corpus(path, fmt)
+    corpus, hashes, unreadable = hash_utterances(open_corpus(path, fmt))
     utts = corpus.utterances
-    hashes = [file_sha256(u.path) for u in utts]
     key = _probe_key()
     cache = _load_cache() if use_cache else {}
     results: List[Optional[Dict]] = [cache.get(f"{h}|{key}") for h in hashes]
@@ -122,7 +121,7 @@ def corpus_info(path, fmt: Optional[str] = None, workers: Optional[int] = None, 
         if use_cache:
             _save_cache(cache)
 
-    problems: List[Problem] = [p for p in corpus.problems]
+    problems: List[Problem] = [p for p in corpus.problems] + unreadable
     seen: Dict[str, str] = {}
     usable = []
     for u, h, r in zip(utts, hashes, results):
