@@ -1,0 +1,285 @@
+"""On-device training (``edge-ser train-local``): verify a pack, train θ0 on its synthetic set within a
+memory budget, check the golden vectors, export ONNX/TFLite, and swap the model folder in atomically.
+
+>>> result = train_local("demo.pack", "model/", memory_budget_mb=600, threads=1)   # doctest: +SKIP
+>>> result["golden"]["passed"], result["peak_rss_mb"] < 600                         # doctest: +SKIP
+(True, True)
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+import numpy as np
+
+from . import memory
+
+MODEL_FORMAT = "edge-ser-model/1"
+
+
+def train_local(pack, output, memory_budget_mb: Optional[float] = None, threads: Optional[int] = None,
+                public_key=None, export: bool = True, progress: bool = True) -> Dict[str, Any]:
+    """Load and verify ``pack`` (a path), then :func:`train_from_pack` into the folder ``output``."""
+    from .pack import load_pack
+
+    t0 = time.perf_counter()
+    p = load_pack(pack, public_key=public_key)
+    return train_from_pack(p, output, memory_budget_mb=memory_budget_mb, threads=threads, export=export,
+                           progress=progress, _t0=t0)
+
+
+def _check_pack(p) -> None:
+    fc, mc = p.feature_config, p.model_config
+    X = np.asarray(p.X)
+    if X.ndim != 3 or X.shape[1:] != (fc.n_mels, fc.num_frames) or (mc.n_mels, mc.num_frames) != X.shape[1:]:
+        raise ValueError(f"pack {p.pack_id}: synthetic set shape {X.shape} does not match the feature/model config "
+                         f"({fc.n_mels}, {fc.num_frames})")
+    if len(p.classes) != mc.num_classes:
+        raise ValueError(f"pack {p.pack_id}: {len(p.classes)} classes but the model has {mc.num_classes} outputs")
+    y = np.asarray(p.y)
+    if len(y) != len(X) or not np.all(np.isfinite(X)):
+        raise ValueError(f"pack {p.pack_id}: synthetic set has {len(X)} inputs, {len(y)} labels, or non-finite values")
+    if y.ndim == 1 and (y.min() < 0 or y.max() >= mc.num_classes):
+        raise ValueError(f"pack {p.pack_id}: labels outside 0..{mc.num_classes - 1}")
+
+
+def _train_micro(model, X, y, schedule, micro: int, progress: bool):
+    """The pack's schedule with gradients accumulated over micro-batches of ``micro`` samples: the same
+    steps, order and augmentation draws as :func:`schedule.train_schedule`; only BatchNorm's batch
+    statistics come from micro-batches (reported as ``exact: false``)."""
+    import torch
+
+    from .train import loss_fn, spec_augment
+
+    gen = torch.Generator().manual_seed(schedule.seed)
+    Xt, yt = torch.as_tensor(np.asarray(X, np.float32)), torch.as_tensor(np.asarray(y))
+    n = len(Xt)
+    bs = n if schedule.batch_size in (0, None) or schedule.batch_size >= n else schedule.batch_size
+    if schedule.optimizer == "sgd":
+        opt = torch.optim.SGD(model.parameters(), lr=schedule.lr, momentum=schedule.momentum,
+                              weight_decay=schedule.weight_decay)
+    else:
+        opt = torch.optim.Adam(model.parameters(), lr=schedule.lr, weight_decay=schedule.weight_decay)
+    history = []
+    model.train()
+    for epoch in range(schedule.epochs):
+        t0, total = time.perf_counter(), 0.0
+        order = torch.randperm(n, generator=gen) if bs < n else torch.arange(n)
+        for s in range(0, n, bs):
+            idx = order[s: s + bs]
+            xb = Xt[idx]
+            if schedule.augment:
+                xb = spec_augment(xb, model.input_norm.mean, gen)
+            yb = yt[idx]
+            opt.zero_grad(set_to_none=True)
+            for m in range(0, len(idx), micro):
+                loss = loss_fn(model(xb[m: m + micro]), yb[m: m + micro]) * (len(xb[m: m + micro]) / len(idx))
+                loss.backward()
+                total += float(loss.detach()) * len(idx)
+            opt.step()
+        history.append({"epoch": epoch + 1, "loss": total / n, "seconds": time.perf_counter() - t0})
+        if progress:
+            sys.stderr.write(f"\rtrain-local epoch {epoch + 1}/{schedule.epochs} loss {total / n:.3f}")
+    if progress:
+        sys.stderr.write("\n")
+    model.eval()
+    return history
+
+
+def golden_check(model, golden_inputs: np.ndarray, golden_logits: np.ndarray, tolerance: float) -> Dict[str, Any]:
+    """Compare the trained model's logits on the pack's golden inputs with the server's logits."""
+    import torch
+
+    gi = np.asarray(golden_inputs, np.float32)
+    gl = np.asarray(golden_logits, np.float32)
+    if len(gi) == 0:
+        return {"passed": False, "n": 0, "reason": "pack has no golden vectors"}
+    model.eval()
+    with torch.no_grad():
+        out = np.concatenate([model(torch.from_numpy(gi[i: i + 8])).numpy() for i in range(0, len(gi), 8)])
+    if out.shape != gl.shape:
+        return {"passed": False, "n": int(len(gi)), "reason": f"golden logits shape {gl.shape} != model {out.shape}"}
+    dev = float(np.max(np.abs(out - gl)))
+    agree = float(np.mean(out.argmax(1) == gl.argmax(1)))
+    return {"passed": bool(np.isfinite(dev) and dev <= tolerance and agree == 1.0), "n": int(len(gi)),
+            "max_abs_deviation": dev, "tolerance": float(tolerance), "argmax_agreement": agree}
+
+
+def _replace_folder(tmp: Path, out: Path) -> None:
+    """Swap ``tmp`` in as ``out``; the previous ``out`` is kept until the new one is in place."""
+    old = out.parent / f".{out.name}.old-{os.getpid()}"
+    if out.exists():
+        os.replace(out, old)
+    try:
+        os.replace(tmp, out)
+    except OSError:
+        if old.exists() and not out.exists():
+            os.replace(old, out)
+        raise
+    if old.exists():
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def recover_folder(out: Path) -> None:
+    """After a crash between the two renames of :func:`_replace_folder`, put the previous model back."""
+    out = Path(out)
+    if not out.exists():
+        olds = sorted(out.parent.glob(f".{out.name}.old-*"), key=lambda p: p.stat().st_mtime)
+        if olds:
+            os.replace(olds[-1], out)
+    for stale in out.parent.glob(f".{out.name}.tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def train_from_pack(p, output, memory_budget_mb: Optional[float] = None, threads: Optional[int] = None,
+                    export: bool = True, progress: bool = False, tflite: bool = True,
+                    require_golden: bool = True, _t0: Optional[float] = None) -> Dict[str, Any]:
+    """Train a loaded pack (any object with the :class:`edge_ser.pack.Pack` attributes) into ``output``.
+
+    Raises ``ValueError`` (bad pack, θ0 hash mismatch), :class:`memory.MemoryBudgetError` (budget cannot be
+    met; raised before training) or ``RuntimeError`` (golden check failed); the previous model stays.
+    """
+    t_start = _t0 if _t0 is not None else time.perf_counter()
+    out = Path(output).expanduser()
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{out}: exists and is not a folder")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    recover_folder(out)
+    _check_pack(p)
+    from .models import state_sha256
+
+    if state_sha256(p.theta0) != p.theta0_sha256:
+        raise ValueError(f"pack {p.pack_id}: initialisation tensors do not match their SHA-256 "
+                         f"(expected {str(p.theta0_sha256)[:16]}…, got {state_sha256(p.theta0)[:16]}…); refusing to train")
+    import torch
+
+    from .models import build_model, load_state_arrays, state_arrays
+    from .schedule import train_schedule
+
+    plan = memory.plan_training(p.model_config, len(p.X), p.schedule.batch_size, threads, memory_budget_mb,
+                                export=export)
+    torch.set_num_threads(plan.threads)
+    try:
+        model = load_state_arrays(build_model(p.model_config), p.theta0)
+    except (RuntimeError, KeyError) as exc:
+        raise ValueError(f"pack {p.pack_id}: initialisation does not fit the model config "
+                         f"({' '.join(str(exc).split())[:160]})") from None
+    t_train = time.perf_counter()
+    if plan.exact:
+        history = train_schedule(model, p.X, p.y, p.schedule, progress=progress)
+    else:
+        history = _train_micro(model, p.X, p.y, p.schedule, plan.micro_batch, progress)
+    train_seconds = time.perf_counter() - t_train
+    train_peak = memory.peak_rss_mb()
+    golden = golden_check(model, p.golden_inputs, p.golden_logits, p.golden_tolerance)
+    golden["exact_schedule"] = plan.exact
+    if not golden["passed"] and require_golden and plan.exact:
+        raise RuntimeError(f"pack {p.pack_id}: golden-vector check failed (max logit deviation "
+                           f"{golden.get('max_abs_deviation', float('nan')):.3g} > tolerance "
+                           f"{golden.get('tolerance', float('nan')):.3g}, argmax agreement "
+                           f"{golden.get('argmax_agreement', 0):.0%}); the model was not installed")
+    warnings_list = []
+    if not plan.exact:
+        warnings_list.append(f"memory budget forced micro-batches of {plan.micro_batch} (schedule batch "
+                             f"{plan.batch}): BatchNorm statistics differ from the server's, golden check informative only")
+
+    from .runtime import model_metadata, save_npz
+
+    meta = model_metadata(p.pack_id, p.classes, p.feature_config, p.model_config)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    try:
+        arrays = state_arrays(model)
+        save_npz(tmp / "model.npz", arrays, meta)
+        from .export import calibration_set, file_info
+
+        files = {"torch": file_info(tmp / "model.npz")}
+        t_export = time.perf_counter()
+        if export:
+            from .export import export_all
+
+            calib = calibration_set(p.X, getattr(p, "calibration", None))
+            if tflite and memory_budget_mb is not None and \
+                    memory.current_rss_mb() + memory.TFLITE_EXPORT_MB > float(memory_budget_mb):
+                tflite = False
+                warnings_list.append(f"TFLite export skipped: its converter (TensorFlow) needs ~"
+                                     f"{memory.TFLITE_EXPORT_MB:.0f} MB more than the {memory_budget_mb:.0f} MB budget allows")
+            files.update(export_all(model, tmp, meta, calib, tflite=tflite, warn=warnings_list.append))
+        export_seconds = time.perf_counter() - t_export
+        provenance = dict(getattr(p, "provenance", {}) or {})
+        info = {
+            "format": MODEL_FORMAT,
+            "pack_id": p.pack_id,
+            "pack_sequence": getattr(p, "sequence", None),
+            "pack_signed": getattr(p, "signed", None),
+            "pack_key_id": getattr(p, "key_id", None),
+            "classes": list(p.classes),
+            "feature_config": p.feature_config.to_dict(),
+            "model_config": p.model_config.to_dict(),
+            "schedule": p.schedule.to_dict(),
+            "theta0_sha256": p.theta0_sha256,
+            "weights_sha256": state_sha256(arrays),
+            "test_speakers": list(provenance.get("test_speakers") or []),
+            "files": files,
+            "golden": golden,
+            "metrics": {"final_loss": history[-1]["loss"] if history else None, "epochs": len(history),
+                        "steps": p.schedule.steps(len(p.X)), "n_synthetic": int(len(p.X))},
+            "memory": plan.to_dict(),
+            "timing": {"train_seconds": round(train_seconds, 3), "export_seconds": round(export_seconds, 3)},
+            "peak_rss_mb": round(memory.peak_rss_mb(), 1),
+            "train_peak_rss_mb": round(train_peak, 1),
+            "threads": plan.threads,
+            "warnings": warnings_list,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "versions": {"torch": torch.__version__, "numpy": np.__version__},
+        }
+        (tmp / "model.json").write_text(json.dumps(info, indent=2, sort_keys=True, default=_jsonable))
+        _fsync_dir(tmp)
+        _replace_folder(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    for w in warnings_list:
+        if progress:
+            sys.stderr.write(f"edge-ser: warning: {w}\n")
+    peak = memory.peak_rss_mb()
+    result = {
+        "ok": True, "output": str(out), "pack_id": p.pack_id, "classes": list(p.classes),
+        "golden": golden, "wall_seconds": round(time.perf_counter() - t_start, 3),
+        "train_seconds": round(train_seconds, 3), "export_seconds": round(export_seconds, 3),
+        "peak_rss_mb": round(peak, 1), "memory_budget_mb": memory_budget_mb, "threads": plan.threads,
+        "micro_batch": plan.micro_batch, "batch": plan.batch, "exact_schedule": plan.exact,
+        "estimate_mb": round(plan.estimate_mb, 1),
+        "files": {k: (v.get("file") if isinstance(v, dict) else v) for k, v in files.items()},
+        "sizes": {k: v.get("bytes") for k, v in files.items() if isinstance(v, dict) and v.get("bytes")},
+        "int8_agreement": (files.get("onnx-int8") or {}).get("agreement_vs_fp32", {}).get("argmax_agreement"),
+        "warnings": warnings_list,
+    }
+    if memory_budget_mb is not None and peak > memory_budget_mb:
+        result["warnings"].append(f"peak RSS {peak:.0f} MB exceeded the budget {memory_budget_mb:.0f} MB "
+                                  "(estimate was too low)")
+    return result
+
+
+def _fsync_dir(folder: Path) -> None:
+    for f in folder.iterdir():
+        try:
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        except OSError:
+            pass
+
+
+def _jsonable(obj):
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    return str(obj)

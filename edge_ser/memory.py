@@ -1,0 +1,134 @@
+"""Peak-RSS measurement and memory-budget planning for on-device training (train-local).
+
+The estimate is a calibrated linear model: RSS now (torch + pack loaded) + a fixed autograd/oneDNN cost
++ bytes per training sample from the model's activation size; the planner picks the micro-batch and the
+thread count that fit, or refuses before training starts.
+
+>>> plan = plan_training(ModelConfig(num_classes=8), n=80, batch=80, threads=1, budget_mb=600)  # doctest: +SKIP
+>>> plan.micro_batch, round(plan.estimate_mb)                                                   # doctest: +SKIP
+(16, 540)
+"""
+from __future__ import annotations
+
+import os
+import resource
+from dataclasses import dataclass
+from typing import Optional
+
+from .config import ModelConfig, _JsonMixin
+
+# Calibrated on this machine (x86-64, torch 2.13 CPU, glibc) by measuring ru_maxrss of train-local runs
+# with micro-batches 1..80 for the default ConvNet (see tests/test_local.py and results/device.md):
+#: fixed cost of the first backward pass (autograd graph, oneDNN scratch, allocator slack), MB
+FIXED_TRAIN_MB = 150.0  # 110 estimated from a bare loop; train-local at a 500 MB budget peaked 2 MB over -> 150
+#: training bytes per sample = this factor x the forward activations of one sample (fp32)
+ACTIVATION_FACTOR = 1.8
+#: extra MB per intra-op thread beyond the first
+PER_THREAD_MB = 8.0
+#: ONNX export + onnxruntime import + static int8 quantisation (bounded calibration), MB above training RSS
+EXPORT_MB = 110.0
+#: TFLite conversion (the TensorFlow converter is imported in-process), MB; skipped under a tighter budget
+TFLITE_EXPORT_MB = 800.0
+#: safety margin applied to the whole estimate
+MARGIN = 1.05
+
+
+class MemoryBudgetError(RuntimeError):
+    """The memory budget cannot be met; raised before any training starts."""
+
+
+def peak_rss_mb(children: bool = False) -> float:
+    """Peak resident set size of this process (or of its waited-for children) so far, in MB."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN if children else resource.RUSAGE_SELF)
+    scale = 1024.0 * 1024.0 if os.uname().sysname == "Darwin" else 1024.0  # bytes on macOS, KB on Linux
+    return usage.ru_maxrss / scale
+
+
+def current_rss_mb() -> float:
+    """Resident set size of this process now, in MB (``/proc/self/statm``; peak RSS elsewhere)."""
+    try:
+        with open("/proc/self/statm") as fh:
+            pages = int(fh.read().split()[1])
+        return pages * os.sysconf("SC_PAGE_SIZE") / (1024.0 * 1024.0)
+    except (OSError, ValueError, IndexError):
+        return peak_rss_mb()
+
+
+def activation_floats(model_config: ModelConfig) -> int:
+    """Floats of every module output in one forward pass of one sample (the activations autograd keeps)."""
+    import torch
+
+    from .models import build_model
+
+    model = build_model(model_config).eval()
+    total = [0]
+
+    def hook(_module, _inp, out):
+        if isinstance(out, torch.Tensor):
+            total[0] += out.numel()
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if not list(m.children())]
+    with torch.no_grad():
+        model(torch.zeros(1, model_config.n_mels, model_config.num_frames))
+    for h in handles:
+        h.remove()
+    return total[0] + model_config.n_mels * model_config.num_frames
+
+
+@dataclass(frozen=True)
+class MemoryPlan(_JsonMixin):
+    budget_mb: Optional[float]
+    baseline_mb: float          # RSS when training starts (torch imported, pack loaded)
+    per_sample_mb: float        # estimated training MB per sample in a micro-batch
+    micro_batch: int            # samples per forward/backward (gradients accumulate up to the schedule batch)
+    batch: int                  # the schedule's batch (optimiser step size in samples)
+    threads: int
+    train_estimate_mb: float
+    export_estimate_mb: float
+    exact: bool                 # micro_batch == batch: BatchNorm sees the schedule's batches exactly
+
+    @property
+    def estimate_mb(self) -> float:
+        return max(self.train_estimate_mb, self.export_estimate_mb)
+
+
+def estimate_mb(baseline_mb: float, per_sample_mb: float, micro_batch: int, threads: int) -> float:
+    return MARGIN * (baseline_mb + FIXED_TRAIN_MB + per_sample_mb * micro_batch + PER_THREAD_MB * max(0, threads - 1))
+
+
+def plan_training(model_config: ModelConfig, n: int, batch: int, threads: Optional[int], budget_mb: Optional[float],
+                  baseline_mb: Optional[float] = None, export: bool = True) -> MemoryPlan:
+    """Choose micro-batch and threads so the estimated peak RSS fits ``budget_mb`` (None: no limit:
+    the full schedule batch, ``threads`` as given). Raises :class:`MemoryBudgetError` with the numbers
+    when even one sample per step with one thread does not fit."""
+    batch = n if batch in (0, None) or batch >= n else int(batch)
+    threads = int(threads) if threads else (os.cpu_count() or 1)
+    baseline = current_rss_mb() if baseline_mb is None else float(baseline_mb)
+    per_sample = ACTIVATION_FACTOR * activation_floats(model_config) * 4 / (1024.0 * 1024.0)
+    export_est = MARGIN * (baseline + EXPORT_MB) if export else 0.0
+
+    def make(mb, th):
+        return MemoryPlan(budget_mb, round(baseline, 1), round(per_sample, 2), mb, batch, th,
+                          round(estimate_mb(baseline, per_sample, mb, th), 1), round(export_est, 1), mb >= batch)
+
+    if budget_mb is None:
+        return make(batch, threads)
+    budget = float(budget_mb)
+    if baseline * MARGIN >= budget:
+        raise MemoryBudgetError(
+            f"memory budget {budget:.0f} MB is below the process baseline: torch and the pack already take "
+            f"{baseline:.0f} MB RSS; give at least {estimate_mb(baseline, per_sample, 1, 1):.0f} MB")
+    if export and export_est > budget:
+        raise MemoryBudgetError(
+            f"memory budget {budget:.0f} MB cannot fit the export step (~{export_est:.0f} MB: "
+            f"{baseline:.0f} MB baseline + ~{EXPORT_MB:.0f} MB for onnxruntime quantisation); "
+            f"raise the budget or use --no-export")
+    for th in sorted({threads, 1}, reverse=True):
+        room = budget / MARGIN - baseline - FIXED_TRAIN_MB - PER_THREAD_MB * max(0, th - 1)
+        mb = min(batch, int(room // per_sample)) if room > 0 else 0
+        if mb >= 1 and (th == 1 or mb >= min(batch, 8)):  # drop threads before going below 8 samples
+            return make(mb, th)
+    need = estimate_mb(baseline, per_sample, 1, 1)
+    raise MemoryBudgetError(
+        f"memory budget {budget:.0f} MB is too small to train: {baseline:.0f} MB baseline (torch + pack) + "
+        f"~{FIXED_TRAIN_MB:.0f} MB autograd + {per_sample:.1f} MB per sample needs >= {need:.0f} MB")
