@@ -1,0 +1,106 @@
+"""Helpers shared by the benchmark scripts: machine info, JSON output, and running a function in a
+child process to measure its whole-process peak RSS (torch and everything it imports included).
+
+>>> info = machine_info()                                            # doctest: +SKIP
+>>> result, rss_mb, seconds = run_in_child(sum, [1, 2, 3])           # doctest: +SKIP
+"""
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import os
+import platform
+import resource
+import time
+import traceback
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable, Dict, Tuple
+
+
+def machine_info() -> Dict[str, Any]:
+    """Where and when a result was measured: CPU, cores, memory, Python / torch versions, UTC time."""
+    info: Dict[str, Any] = {"date_utc": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+                            "platform": platform.platform(), "python": platform.python_version(),
+                            "cpu_count": os.cpu_count(), "processor": platform.processor() or platform.machine()}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                info["processor"] = line.split(":", 1)[1].strip()
+                break
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal"):
+                info["mem_total_gb"] = round(int(line.split()[1]) / 1024 ** 2, 1)
+                break
+    except OSError:
+        pass
+    try:
+        import torch
+
+        info["torch"] = torch.__version__
+        info["torch_threads"] = torch.get_num_threads()
+    except ImportError:
+        pass
+    info["load_avg"] = os.getloadavg()
+    return info
+
+
+def print_machine_info(info: Dict[str, Any] | None = None) -> Dict[str, Any]:
+    info = info or machine_info()
+    print("machine: " + ", ".join(f"{k}={v}" for k, v in info.items()))
+    return info
+
+
+def write_json(path, obj) -> Path:
+    """Write ``obj`` as indented JSON (creating folders), atomically via a temp file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=_jsonable))
+    os.replace(tmp, path)
+    return path
+
+
+def _jsonable(o):
+    import numpy as np
+
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if hasattr(o, "to_dict"):
+        return o.to_dict()
+    return str(o)
+
+
+def _child(conn, fn, args, kwargs):
+    t0 = time.perf_counter()
+    try:
+        result = fn(*args, **kwargs)
+        ok = True
+    except BaseException as exc:  # report it to the parent, one line plus the traceback
+        result, ok = f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}", False
+    seconds = time.perf_counter() - t0
+    rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    conn.send((ok, result, rss_mb, seconds))
+    conn.close()
+
+
+def run_in_child(fn: Callable, *args, **kwargs) -> Tuple[Any, float, float]:
+    """Run ``fn(*args, **kwargs)`` in a fresh (spawned) Python process; return (result, peak RSS MiB of
+    that whole process, seconds inside ``fn``). ``fn`` must be importable and its result picklable.
+    An exception in the child is raised here as RuntimeError with the child's message."""
+    ctx = mp.get_context("spawn")
+    parent, child = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=_child, args=(child, fn, args, kwargs))
+    proc.start()
+    child.close()
+    try:
+        ok, result, rss_mb, seconds = parent.recv()
+    except EOFError:
+        proc.join()
+        raise RuntimeError(f"benchmark child process died (exit code {proc.exitcode})") from None
+    proc.join()
+    if not ok:
+        raise RuntimeError(result)
+    return result, rss_mb, seconds
