@@ -121,16 +121,20 @@ class PackStore:
         name = f"{sequence}-{pack_id[:16]}.pack"
         final = self.packs / name
         tmp = self.packs / f".{name}.tmp"
-        if move and Path(src).parent.resolve() == self.incoming.resolve():
-            with open(src, "rb+") as fh:
-                os.fsync(fh.fileno())
-            os.replace(src, tmp)
-        else:
-            with open(src, "rb") as fin, open(tmp, "wb") as fout:
-                shutil.copyfileobj(fin, fout, 1 << 20)
-                fout.flush()
-                os.fsync(fout.fileno())
-        os.replace(tmp, final)
+        try:
+            if move and Path(src).parent.resolve() == self.incoming.resolve():
+                with open(src, "rb+") as fh:
+                    os.fsync(fh.fileno())
+                os.replace(src, tmp)
+            else:
+                with open(src, "rb") as fin, open(tmp, "wb") as fout:
+                    shutil.copyfileobj(fin, fout, 1 << 20)
+                    fout.flush()
+                    os.fsync(fout.fileno())
+            os.replace(tmp, final)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
         fsync_dir(self.packs)
         new_state = {"current": {"file": name, "pack_id": pack_id, "sequence": sequence},
                      "previous": state.get("current"), "max_sequence": sequence}

@@ -40,6 +40,7 @@ MAX_ANNOUNCE_BYTES = 1 << 20
 DEFAULT_MAX_PACK_BYTES = 256 << 20
 STALL_SECONDS = 10.0
 QUEUE_MAX = 512
+QUEUE_MAX_BYTES = 16 << 20
 
 
 class TransportError(RuntimeError):
@@ -405,6 +406,8 @@ class Agent:
         self.status_topic = f"{self.t['status']}/{self.device}"
         self.verbose = verbose
         self.queue: "queue.Queue" = queue.Queue(maxsize=QUEUE_MAX)
+        self.queued_bytes = 0
+        self._qlock = threading.Lock()
         self.dropped = 0
         self.junk = 0
         self.transfer: Optional[Reassembler] = None
@@ -428,8 +431,14 @@ class Agent:
         self.queue_put(("msg", msg.topic, bytes(msg.payload)))
 
     def queue_put(self, item):
+        size = len(item[2] or b"")
+        if self.queued_bytes + size > QUEUE_MAX_BYTES:
+            self.dropped += 1
+            return
         try:
             self.queue.put_nowait(item)
+            with self._qlock:
+                self.queued_bytes += size
         except queue.Full:
             self.dropped += 1     # retained chunks come back on the stall re-subscribe
 
@@ -566,6 +575,8 @@ class Agent:
                                          f"(current: {cur.get('pack_id', 'none')})")
                 try:
                     kind, topic, payload = self.queue.get(timeout=0.5)
+                    with self._qlock:
+                        self.queued_bytes -= len(payload or b"")
                 except queue.Empty:
                     self.check_stall()
                     continue
