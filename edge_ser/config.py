@@ -82,6 +82,11 @@ class ModelConfig(_JsonMixin):
     """A compact SER network. ``arch="convnet"`` is the dataset-distillation ConvNet
     (conv3x3 -> norm -> ReLU -> 2x2 pool per block); ``arch="cnn6"`` is the paper's CNN-6.
 
+    ``stem_pool`` (Mel bins, frames) average-pools the normalised log-Mels once before the first block.
+    The default (2, 2) makes every conv 4x cheaper (training on a one-core device, and distillation,
+    which back-propagates through training) at the cost of some time-frequency detail; ``(1, 1)`` keeps
+    full resolution.
+
     ``norm="batch"`` folds into the convolutions at export (clean int8 ONNX and TFLite);
     ``"instance"`` and ``"none"`` are there for experiments.
     """
@@ -91,6 +96,7 @@ class ModelConfig(_JsonMixin):
     n_mels: int = 64
     num_frames: int = 298
     channels: Tuple[int, ...] = (16, 32, 64, 64)
+    stem_pool: Tuple[int, int] = (2, 2)
     norm: str = "batch"
     pool: str = "avg"           # pooling inside blocks: "avg" | "max"
     dropout: float = 0.0
@@ -104,6 +110,8 @@ class ModelConfig(_JsonMixin):
             raise ValueError(f"unknown pool {self.pool!r} (avg, max)")
         if self.num_classes < 2:
             raise ValueError("a classifier needs at least 2 classes")
+        if len(self.stem_pool) != 2 or min(self.stem_pool) < 1:
+            raise ValueError(f"stem_pool must be two positive ints (Mel bins, frames), got {self.stem_pool!r}")
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,7 @@
 Export rebuilds the network in Keras with BatchNorm folded into the convolutions and converts it with
 TensorFlow's ``TFLiteConverter`` (representative dataset = calibration log-Mels, int8 builtins only,
 per-channel conv weights). The graph is int8 end to end: QUANTIZE -> RESHAPE -> MUL/ADD (the per-band
-input normalisation) -> [CONV_2D(+ReLU) -> AVERAGE_POOL_2D] x blocks -> MEAN (time) -> RESHAPE ->
+input normalisation) -> AVERAGE_POOL_2D (stem) -> [CONV_2D(+ReLU) -> AVERAGE_POOL_2D] x blocks -> MEAN (time) -> RESHAPE ->
 FULLY_CONNECTED -> DEQUANTIZE; input is float32 raw log-Mels ``(1, n_mels, frames)`` and output float32
 logits, so callers never see scales or zero points.
 
@@ -209,6 +209,8 @@ def _keras_convnet(tf, model):
 
     inp = k.Input((cfg.n_mels, cfg.num_frames), batch_size=1, name="log_mels")
     h = BandAffine()(k.layers.Reshape((cfg.n_mels, cfg.num_frames, 1))(inp))
+    if tuple(cfg.stem_pool) != (1, 1):
+        h = k.layers.AveragePooling2D(tuple(cfg.stem_pool))(h)
     for kernel, bias, pool in _folded_convs(model):
         conv = k.layers.Conv2D(kernel.shape[3], kernel.shape[:2], padding="same", activation="relu")
         h = conv(h)

@@ -1,8 +1,8 @@
 """Compact SER networks for log-Mel input, deterministic from a seed, hashable as tensors.
 
 ``ConvNet`` is the dataset-distillation ConvNet (conv3x3 -> norm -> ReLU -> 2x2 pool per block) adapted
-to spectrograms: after the blocks it averages over time and keeps the frequency axis, then one linear
-layer. ``CNN6`` is the paper's 4.44M-parameter model, for the like-for-like reproduction row.
+to spectrograms: an average-pool stem (``ModelConfig.stem_pool``), the blocks, then a mean over time that
+keeps the frequency axis, then one linear layer. ``CNN6`` is the paper's 4.44M-parameter model, for the like-for-like reproduction row.
 
 Both take raw log-Mels ``(batch, n_mels, frames)`` and normalise them inside with per-band statistics
 held as buffers (set once from training data with :meth:`set_input_stats`), so exported models need
@@ -50,6 +50,8 @@ class ConvNet(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.input_norm = InputNorm(cfg.n_mels)
+        stem = tuple(cfg.stem_pool)
+        self.stem = nn.AvgPool2d(stem) if stem != (1, 1) else nn.Identity()
         blocks, c_in = [], 1
         for c_out in cfg.channels:
             blocks += [nn.Conv2d(c_in, c_out, 3, padding=1, bias=cfg.norm == "none"), _norm(cfg.norm, c_out),
@@ -57,7 +59,7 @@ class ConvNet(nn.Module):
                        nn.AvgPool2d(2) if cfg.pool == "avg" else nn.MaxPool2d(2)]
             c_in = c_out
         self.features = nn.Sequential(*blocks)
-        freq = cfg.n_mels
+        freq = cfg.n_mels // stem[0]
         for _ in cfg.channels:
             freq //= 2
         if freq < 1:
@@ -68,7 +70,7 @@ class ConvNet(nn.Module):
 
     def embed(self, x):
         """(batch, n_mels, frames) -> (batch, embedding_dim): the penultimate features."""
-        h = self.features(self.input_norm(x).unsqueeze(1))  # (B, C, F', T')
+        h = self.features(self.stem(self.input_norm(x).unsqueeze(1)))  # (B, C, F', T')
         return h.mean(dim=3).flatten(1)
 
     def forward(self, x):

@@ -80,6 +80,7 @@ class _Connection:
         self.url = broker
         self.host, self.port, self.tls = parse_broker(broker)
         self.connected = threading.Event()
+        self.disconnected = threading.Event()
         self.connack: Optional[str] = None
         self._on_connected = on_connected
         c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv311,
@@ -113,6 +114,7 @@ class _Connection:
 
     def _disconnect_cb(self, client, userdata, flags, reason_code, properties):
         self.connected.clear()
+        self.disconnected.set()
 
     def open(self, timeout: float, retry: bool = True) -> None:
         """Connect, retrying refused/unreachable brokers with backoff until ``timeout``; TLS and
@@ -182,9 +184,13 @@ class _Connection:
                 if not ok:
                     self.publish(t, p, r, deadline)
 
-    def close(self) -> None:
+    def close(self, timeout: float = 2.0) -> None:
+        """Disconnect cleanly: wait (up to ``timeout``) until DISCONNECT is on the wire, so the broker
+        does not publish the last will of a client that left on purpose."""
         try:
-            self.client.disconnect()
+            self.disconnected.clear()
+            if self.connected.is_set() and self.client.disconnect() == 0:
+                self.disconnected.wait(timeout)
         except Exception:
             pass
         self.client.loop_stop()
@@ -413,7 +419,9 @@ class Agent:
         self.transfer: Optional[Reassembler] = None
         self.refused = set()
         self.results = []
-        will = (self.status_topic, json.dumps({"device": self.device, "state": "offline"}).encode())
+        cur = self.store.current() or {}
+        will = (self.status_topic, json.dumps({"device": self.device, "state": "offline", "pack_id": cur.get("pack_id"),
+                                               "sequence": cur.get("sequence")}).encode())
         self.conn = _Connection(broker, f"edge-ser-agent-{self.device}"[:64] + f"-{os.getpid()}", username, password,
                                 cafile, on_message=self._on_message, on_connected=self._on_connected, will=will)
 
@@ -443,7 +451,9 @@ class Agent:
             self.dropped += 1     # retained chunks come back on the stall re-subscribe
 
     # main thread -------------------------------------------------
-    def status(self, state: str, **extra) -> None:
+    def status(self, state: str, wait: float = 0.0, **extra) -> None:
+        """Publish the retained status (QoS 1); ``wait`` seconds for the broker's ack (before a disconnect:
+        mosquitto < 2.0.22 drops a client that closes with an unacknowledged publish and then fires its will)."""
         cur = self.store.current() or {}
         body = {"device": self.device, "state": state, "pack_id": cur.get("pack_id"), "sequence": cur.get("sequence"),
                 "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
@@ -451,7 +461,12 @@ class Agent:
         if self.verbose:
             _log(f"{state} " + " ".join(f"{k}={v}" for k, v in extra.items()))
         if self.conn.connected.is_set():
-            self.conn.client.publish(self.status_topic, json.dumps(body, default=str).encode(), qos=1, retain=True)
+            info = self.conn.client.publish(self.status_topic, json.dumps(body, default=str).encode(), qos=1, retain=True)
+            if wait > 0:
+                try:
+                    info.wait_for_publish(timeout=wait)
+                except (RuntimeError, ValueError):
+                    pass
 
     def handle(self, topic: str, payload: bytes) -> Optional[dict]:
         """Process one message; returns a result dict when a pack was stored or refused."""
@@ -592,6 +607,7 @@ class Agent:
             if self.transfer is not None:
                 self.transfer.abort()
                 self.transfer = None
+            self.status("offline", wait=2.0)
             self.conn.close()
         return {"ok": True, "state": "stopped", "results": self.results[-10:]}
 
