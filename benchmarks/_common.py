@@ -73,6 +73,19 @@ def _jsonable(o):
     return str(o)
 
 
+def child_peak_rss_mb() -> float:
+    """This process's own peak RSS in MiB: ``VmHWM`` on Linux (``ru_maxrss`` survives exec, so a child
+    would report its parent's peak), ``ru_maxrss`` elsewhere."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0
+    except (OSError, ValueError, IndexError):
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
 def _child(conn, fn, args, kwargs):
     t0 = time.perf_counter()
     try:
@@ -81,7 +94,7 @@ def _child(conn, fn, args, kwargs):
     except BaseException as exc:  # report it to the parent, one line plus the traceback
         result, ok = f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}", False
     seconds = time.perf_counter() - t0
-    rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    rss_mb = child_peak_rss_mb()
     conn.send((ok, result, rss_mb, seconds))
     conn.close()
 

@@ -25,8 +25,9 @@ FIXED_TRAIN_MB = 150.0  # 110 estimated from a bare loop; train-local at a 500 M
 ACTIVATION_FACTOR = 1.8
 #: extra MB per intra-op thread beyond the first
 PER_THREAD_MB = 8.0
-#: ONNX export + onnxruntime import + static int8 quantisation (bounded calibration), MB above training RSS
-EXPORT_MB = 110.0
+#: ONNX export + onnxruntime import + static int8 quantisation (bounded calibration), MB above the baseline
+#: (measured: ~205 MB over a 286 MB baseline with the stem ConvNet, benchmarks/device.py)
+EXPORT_MB = 210.0
 #: TFLite conversion (the TensorFlow converter is imported in-process), MB; skipped under a tighter budget
 TFLITE_EXPORT_MB = 800.0
 #: safety margin applied to the whole estimate
@@ -38,7 +39,18 @@ class MemoryBudgetError(RuntimeError):
 
 
 def peak_rss_mb(children: bool = False) -> float:
-    """Peak resident set size of this process (or of its waited-for children) so far, in MB."""
+    """Peak resident set size of this process (or of its waited-for children) so far, in MB.
+
+    On Linux this process's own high-water mark (``VmHWM``): ``ru_maxrss`` survives exec, so a process
+    started by a big parent (pytest, a daemon) would report the parent's peak as its own."""
+    if not children:
+        try:
+            with open("/proc/self/status") as fh:
+                for line in fh:
+                    if line.startswith("VmHWM:"):
+                        return int(line.split()[1]) / 1024.0
+        except (OSError, ValueError, IndexError):
+            pass
     usage = resource.getrusage(resource.RUSAGE_CHILDREN if children else resource.RUSAGE_SELF)
     scale = 1024.0 * 1024.0 if os.uname().sysname == "Darwin" else 1024.0  # bytes on macOS, KB on Linux
     return usage.ru_maxrss / scale
@@ -117,7 +129,7 @@ def plan_training(model_config: ModelConfig, n: int, batch: int, threads: Option
     if baseline * MARGIN >= budget:
         raise MemoryBudgetError(
             f"memory budget {budget:.0f} MB is below the process baseline: torch and the pack already take "
-            f"{baseline:.0f} MB RSS; give at least {estimate_mb(baseline, per_sample, 1, 1):.0f} MB")
+            f"{baseline:.0f} MB RSS; give at least {max(estimate_mb(baseline, per_sample, 1, 1), export_est):.0f} MB")
     if export and export_est > budget:
         raise MemoryBudgetError(
             f"memory budget {budget:.0f} MB cannot fit the export step (~{export_est:.0f} MB: "
@@ -128,7 +140,7 @@ def plan_training(model_config: ModelConfig, n: int, batch: int, threads: Option
         mb = min(batch, int(room // per_sample)) if room > 0 else 0
         if mb >= 1 and (th == 1 or mb >= min(batch, 8)):  # drop threads before going below 8 samples
             return make(mb, th)
-    need = estimate_mb(baseline, per_sample, 1, 1)
+    need = max(estimate_mb(baseline, per_sample, 1, 1), export_est)
     raise MemoryBudgetError(
         f"memory budget {budget:.0f} MB is too small to train: {baseline:.0f} MB baseline (torch + pack) + "
         f"~{FIXED_TRAIN_MB:.0f} MB autograd + {per_sample:.1f} MB per sample needs >= {need:.0f} MB")

@@ -73,8 +73,11 @@ def test_budget_planner_picks_micro_batches_and_threads():
     cfg = ModelConfig(num_classes=8)
     free = memory.plan_training(cfg, 80, 0, 2, None, baseline_mb=300)
     assert free.micro_batch == 80 and free.exact and free.threads == 2
-    tight = memory.plan_training(cfg, 80, 0, 2, 520, baseline_mb=300)
-    assert 1 <= tight.micro_batch < 80 and not tight.exact and tight.estimate_mb <= 520
+    budget = memory.estimate_mb(300, free.per_sample_mb, 40, 2) + 1   # room for about half the batch
+    tight = memory.plan_training(cfg, 80, 0, 2, budget, baseline_mb=300, export=False)
+    assert 1 <= tight.micro_batch < 80 and not tight.exact and tight.estimate_mb <= budget
+    with pytest.raises(memory.MemoryBudgetError, match="export step"):
+        memory.plan_training(cfg, 80, 0, 2, memory.MARGIN * (300 + memory.EXPORT_MB) - 1, baseline_mb=300)
     with pytest.raises(memory.MemoryBudgetError, match="too small to train|baseline"):
         memory.plan_training(cfg, 80, 0, 1, 330, baseline_mb=300, export=False)
 

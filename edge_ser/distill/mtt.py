@@ -52,9 +52,11 @@ def peak_rss_mb() -> float:
 
 
 def setup_threads(cfg: DistillConfig) -> None:
+    """``cfg.threads`` torch threads; None keeps what the caller set (torch's default: all cores)."""
     import torch
 
-    torch.set_num_threads(int(cfg.threads or 2))
+    if cfg.threads:
+        torch.set_num_threads(int(cfg.threads))
 
 
 def split_validation(train: FeatureSet, val: Optional[FeatureSet], n_speakers: int) -> Tuple[FeatureSet, FeatureSet]:

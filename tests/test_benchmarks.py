@@ -1,0 +1,74 @@
+"""Smoke tests of the benchmark entry points: each ``python -m benchmarks.NAME --quick`` runs for real on
+the demo corpus (one thread) and writes a JSON report with sane values only where --out says.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "benchmarks" / "results"
+
+
+def run_quick(name: str, tmp_path: Path, timeout: float) -> dict:
+    """Run ``benchmarks.NAME --quick --out tmp/x.json``; its report (and nothing new in benchmarks/results)."""
+    out = tmp_path / "x.json"
+    defaults = [RESULTS / f"{name}.json", RESULTS / f"{name}.quick.json"]  # (other benchmarks may be writing)
+    before = {p: p.stat().st_mtime_ns for p in defaults if p.exists()}
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", f"benchmarks.{name}", "--quick", "--out", str(out)], cwd=REPO,
+                          env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"benchmarks.{name} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    after = {p: p.stat().st_mtime_ns for p in defaults if p.exists()}
+    assert after == before, "a --quick run with --out wrote into benchmarks/results/"
+    report = json.loads(out.read_text())
+    assert report["quick"] is True and report["machine"]["cpu_count"] >= 1
+    return report
+
+
+@pytest.mark.slow
+def test_device_quick(tmp_path):
+    r = run_quick("device", tmp_path, timeout=300)
+    assert r["pack"]["bytes"] > 0 and r["pack"]["samples"] > 0
+    (s,) = r["summary"]
+    assert s["threads_used"] == 1 and s["golden_passed"] is True
+    assert s["wall_seconds"] > 0 and s["cpu_seconds"] > 0 and s["train_seconds"] > 0
+    assert 100 < s["peak_rss_mb"] < 4000
+    assert r["refusal"]["refused"] is True and r["refusal"]["error"] == "MemoryBudgetError"
+    assert "150 MB" in r["refusal"]["message"] and r["refusal"]["model_written"] is False
+
+
+@pytest.mark.slow
+def test_inference_quick(tmp_path):
+    r = run_quick("inference", tmp_path, timeout=300)
+    assert r["model_source"]["golden_passed"] is True and r["test_windows"] > 0
+    rows = {row["runtime"]: row for row in r["rows"]}
+    assert set(rows) == {"torch", "onnx", "onnx-int8", "tflite"}
+    for name, row in rows.items():
+        if name == "tflite" and "skipped" in row:
+            continue  # the TFLite runtime / converter is optional
+        assert "skipped" not in row, row
+        assert 0 < row["p50_ms"] <= row["p95_ms"] and row["bytes"] > 0 and row["peak_rss_mb"] > 0
+        assert 0.0 <= row["uar"] <= 1.0 and row["n"] == r["test_windows"]
+    assert rows["onnx"]["argmax_agreement_vs_torch"] > 0.95
+    assert rows["onnx-int8"]["bytes"] < rows["onnx"]["bytes"]
+    assert rows["onnx"]["torch_imported"] is False
+    assert "onnx-int8 - onnx" in r["uar_diff_points"]
+
+
+@pytest.mark.slow
+def test_pack_quick(tmp_path):
+    r = run_quick("pack", tmp_path, timeout=300)
+    assert r["corpus"] == "demo" and r["cache"] == "cold"
+    (row,) = r["rows"]
+    assert row["method"] == "random" and row["ipc"] == 2 and row["samples"] == 2 * 4
+    assert 0 < row["bytes"] < row["corpus_bytes"] and 0 < row["ratio"] < 1
+    assert row["distill_seconds"] >= 0 and row["pack_seconds"] > 0 and row["peak_rss_mb"] > 0
+    members = row["members"]
+    assert {"synthetic X", "labels", "golden", "theta0", "manifest", "signature"} <= set(members)
+    assert sum(m["stored_bytes"] for m in members.values()) <= row["bytes"]
