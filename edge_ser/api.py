@@ -130,6 +130,15 @@ def pack(corpus, output, method: Optional[str] = None, ipc: int = 10, test_speak
     syn = distill(train, cfg, model_cfg, theta0, progress=progress)
     distill_seconds = time.perf_counter() - t_distill
 
+    # the pack stores the synthetic set as the model's stem sees it (4x smaller for a 2x2 stem, and none
+    # of the real clips' detail the model cannot see); from here on the server uses exactly what a
+    # device will reconstruct, so golden vectors and schedule hold bit for bit
+    resolution = "stem" if model_cfg.arch == "convnet" and tuple(model_cfg.stem_pool) != (1, 1) else "input"
+    if resolution == "stem":
+        from .pack import stem_round_trip
+
+        syn.X = stem_round_trip(syn.X, theta0, model_cfg.stem_pool)
+
     # golden vectors: θ0 trained with the pack's own schedule on the synthetic set, logits on a few
     # synthetic inputs (never real speech: the pack must not carry the corpus)
     trained = build_model(model_cfg, seed=int(seed))
@@ -153,7 +162,7 @@ def pack(corpus, output, method: Optional[str] = None, ipc: int = 10, test_speak
                       model_config=model_cfg, schedule=syn.schedule, theta0=theta0, golden_inputs=golden_inputs,
                       golden_logits=golden_logits, golden_tolerance=golden_tolerance(golden_logits),
                       provenance=provenance, calibration=None, sequence=created_ms, private_key=private_key,
-                      created_ms=created_ms)
+                      created_ms=created_ms, resolution=resolution)
     result = {"ok": True, "path": info["path"], "pack_id": info["pack_id"], "sequence": info["sequence"],
               "bytes": info["bytes"], "corpus_bytes": corpus_bytes,
               "ratio": round(info["bytes"] / corpus_bytes, 5) if corpus_bytes else None,

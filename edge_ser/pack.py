@@ -9,9 +9,12 @@ Container (format 1.x): a ZIP archive (stored or deflated members only) holding
                             SHA-256, byte length, dtype and shape
 ``signature.json``          optional: ``{"algorithm": "ed25519", "key_id", "signature" (base64)}``
                             over the exact bytes of ``manifest.json``
-``data/X.npy``              (M, n_mels, frames) float32 synthetic log-Mels
+``data/X.npy``              (M, n_mels, frames) float32 synthetic log-Mels, or with
+                            ``synthetic_resolution: "stem"`` (format >= 1.1) the model's own view of them:
+                            (M, n_mels // a, frames // b) per-band-normalised log-Mels average-pooled by the
+                            model's ``stem_pool`` (a, b); see :func:`to_stem` / :func:`from_stem`
 ``data/y.npy``              (M,) int64 labels or (M, C) float32 soft labels
-``golden/inputs.npy``       (G, n_mels, frames) float32 golden inputs
+``golden/inputs.npy``       (G, n_mels, frames) float32 golden inputs (stem resolution likewise)
 ``golden/logits.npy``       (G, C) float32 logits of θ0 trained with the schedule, on those inputs
 ``calibration/X.npy``       optional (K, n_mels, frames) float32 int8-calibration features
 ``theta0/<tensor>.npy``     one array per state-dict entry of the initial model
@@ -48,7 +51,7 @@ from .config import FeatureConfig, ModelConfig
 from .schedule import Schedule
 
 FORMAT = "edge-ser-pack"
-FORMAT_VERSION = "1.0.0"
+FORMAT_VERSION = "1.1.0"
 SUPPORTED_MAJOR = 1
 MANIFEST = "manifest.json"
 SIGNATURE = "signature.json"
@@ -166,6 +169,44 @@ def npy_bytes(arr: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+def _band_stats(theta0: Mapping[str, np.ndarray]) -> Tuple[np.ndarray, np.ndarray]:
+    mean = np.asarray(theta0["input_norm.mean"], np.float32)[:, None]
+    std = np.maximum(np.asarray(theta0["input_norm.std"], np.float32), np.float32(1e-3))[:, None]
+    return mean, std
+
+
+def to_stem(X: np.ndarray, theta0: Mapping[str, np.ndarray], stem: Tuple[int, int]) -> np.ndarray:
+    """Raw log-Mels (M, n_mels, frames) -> what the model's stem sees: per-band normalised with θ0's input
+    statistics, then average-pooled by ``stem`` (a, b) with floor (M, n_mels // a, frames // b).
+
+    The model's output depends on X only through this view, so a pack can store it instead of X: 4x
+    fewer bytes for a 2x2 stem, and none of the detail of real speech that the model never sees."""
+    a, b = (int(v) for v in stem)
+    mean, std = _band_stats(theta0)
+    z = (np.asarray(X, np.float32) - mean) / std
+    M, F, T = z.shape
+    z = z[:, : F // a * a, : T // b * b].reshape(M, F // a, a, T // b, b)
+    return np.ascontiguousarray(z.mean(axis=(2, 4), dtype=np.float64).astype(np.float32))
+
+
+def from_stem(Z: np.ndarray, theta0: Mapping[str, np.ndarray], stem: Tuple[int, int], shape: Tuple[int, int]) -> np.ndarray:
+    """Inverse of :func:`to_stem` up to what the model cannot see: every pooled value is repeated over
+    its (a, b) cell (edge values fill a remainder the pool drops) and mapped back to raw log-Mels, so
+    ``to_stem(from_stem(Z)) == Z`` up to float rounding and the model gives the same outputs."""
+    a, b = (int(v) for v in stem)
+    mean, std = _band_stats(theta0)
+    z = np.repeat(np.repeat(np.asarray(Z, np.float32), a, axis=1), b, axis=2)
+    F, T = shape
+    z = np.pad(z, ((0, 0), (0, F - z.shape[1]), (0, T - z.shape[2])), mode="edge")
+    return np.ascontiguousarray(z * std + mean, dtype=np.float32)
+
+
+def stem_round_trip(X: np.ndarray, theta0: Mapping[str, np.ndarray], stem: Tuple[int, int]) -> np.ndarray:
+    """What a device reconstructs from a stem-resolution pack: ``from_stem(to_stem(X))``."""
+    X = np.asarray(X, np.float32)
+    return from_stem(to_stem(X, theta0, stem), theta0, stem, X.shape[1:])
+
+
 def parse_npy(data: bytes, where: str) -> np.ndarray:
     """Parse ``.npy`` bytes without pickle and without trusting the header's shape for allocation."""
     fmt = np.lib.format
@@ -211,9 +252,13 @@ def write_pack(path, *, X, y, classes, feature_config: FeatureConfig, model_conf
                schedule: Schedule, theta0: Mapping[str, np.ndarray], golden_inputs, golden_logits,
                golden_tolerance: float, provenance: Optional[dict] = None, calibration=None,
                sequence: Optional[int] = None, private_key=None, created_ms: Optional[int] = None,
-               format_version: str = FORMAT_VERSION) -> dict:
+               format_version: str = FORMAT_VERSION, resolution: str = "input") -> dict:
     """Write a pack atomically (temp file, fsync, rename); sign it when ``private_key`` is given
     (an Ed25519 key object or a PEM path). Returns ``{"path", "pack_id", "bytes", "sequence", "signed"}``.
+
+    ``resolution="stem"`` stores X and the golden inputs as the model's stem sees them (:func:`to_stem`);
+    a device then trains on :func:`stem_round_trip` of them, so the golden logits must be computed on
+    that (as ``edge_ser.api.pack`` does).
 
     >>> write_pack("x.pack", X=X, y=y, classes=cls, feature_config=fc, model_config=mc, schedule=s,
     ...            theta0=state_arrays(model), golden_inputs=gi, golden_logits=gl, golden_tolerance=0.05,
@@ -222,11 +267,17 @@ def write_pack(path, *, X, y, classes, feature_config: FeatureConfig, model_conf
     created_ms = int(time.time() * 1000) if created_ms is None else int(created_ms)
     sequence = created_ms if sequence is None else int(sequence)
     X = np.ascontiguousarray(X, dtype=np.float32)
+    golden_inputs = np.asarray(golden_inputs, dtype=np.float32)
+    if resolution == "stem":
+        X = to_stem(X, theta0, model_config.stem_pool)
+        golden_inputs = to_stem(golden_inputs, theta0, model_config.stem_pool)
+    elif resolution != "input":
+        raise ValueError(f"resolution must be 'input' or 'stem', got {resolution!r}")
     y = np.asarray(y)
     y = np.ascontiguousarray(y, dtype=np.int64 if y.ndim == 1 else np.float32)
     members: Dict[str, bytes] = {
         "data/X.npy": npy_bytes(X), "data/y.npy": npy_bytes(y),
-        "golden/inputs.npy": npy_bytes(np.asarray(golden_inputs, dtype=np.float32)),
+        "golden/inputs.npy": npy_bytes(golden_inputs),
         "golden/logits.npy": npy_bytes(np.asarray(golden_logits, dtype=np.float32)),
     }
     if calibration is not None:
@@ -253,6 +304,8 @@ def write_pack(path, *, X, y, classes, feature_config: FeatureConfig, model_conf
         "schedule": schedule.to_dict(), "theta0_sha256": state_sha256(theta),
         "golden_tolerance": float(golden_tolerance), "provenance": provenance or {}, "members": table,
     }
+    if resolution != "input":
+        manifest["synthetic_resolution"] = resolution
     manifest_bytes = json.dumps(manifest, sort_keys=True, indent=1, default=_json_default).encode()
     signature = None
     if private_key is not None:
@@ -497,6 +550,9 @@ def _build(c: _Container, where: str, signed: bool, kid: Optional[str]) -> Pack:
         tol = float(m["golden_tolerance"])
         theta_sha = str(m["theta0_sha256"])
         provenance = dict(m.get("provenance") or {})
+        resolution = str(m.get("synthetic_resolution", "input"))
+        if resolution not in ("input", "stem"):
+            raise ValueError(f"synthetic_resolution {resolution!r} unknown")
     except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as exc:
         raise PackError(f"{where}: manifest field invalid or missing ({' '.join(str(exc).split())[:120]})") from None
     for name in ("data/X.npy", "data/y.npy", "golden/inputs.npy", "golden/logits.npy"):
@@ -505,11 +561,12 @@ def _build(c: _Container, where: str, signed: bool, kid: Optional[str]) -> Pack:
     X, y = a["data/X.npy"], a["data/y.npy"]
     gi, gl = a["golden/inputs.npy"], a["golden/logits.npy"]
     C, shape = len(classes), (fc.n_mels, fc.num_frames)
+    stored = shape if resolution == "input" else (fc.n_mels // mc.stem_pool[0], fc.num_frames // mc.stem_pool[1])
     problems = []
     if C < 2 or mc.num_classes != C:
         problems.append(f"{C} classes but the model has {mc.num_classes} outputs")
-    if X.dtype != np.float32 or X.ndim != 3 or X.shape[1:] != shape or len(X) < 1:
-        problems.append(f"synthetic X has shape {X.shape}, expected (M, {shape[0]}, {shape[1]}) float32")
+    if X.dtype != np.float32 or X.ndim != 3 or X.shape[1:] != stored or len(X) < 1:
+        problems.append(f"synthetic X has shape {X.shape}, expected (M, {stored[0]}, {stored[1]}) float32")
     if y.ndim == 1 and y.dtype == np.int64:
         if len(y) and (y.min() < 0 or y.max() >= C):
             problems.append("labels out of range")
@@ -517,7 +574,7 @@ def _build(c: _Container, where: str, signed: bool, kid: Optional[str]) -> Pack:
         problems.append(f"labels have shape {y.shape} {y.dtype}")
     if len(y) != len(X):
         problems.append(f"{len(X)} samples but {len(y)} labels")
-    if gi.ndim != 3 or gi.shape[1:] != shape or gl.shape != (len(gi), C):
+    if gi.ndim != 3 or gi.shape[1:] != stored or gl.shape != (len(gi), C):
         problems.append(f"golden vectors have shapes {gi.shape} / {gl.shape}")
     for label, arr in (("X", X), ("golden inputs", gi), ("golden logits", gl)):
         if not np.isfinite(arr).all():
@@ -533,6 +590,10 @@ def _build(c: _Container, where: str, signed: bool, kid: Optional[str]) -> Pack:
         raise PackError(f"{where}: no θ0 tensors")
     if state_sha256(theta) != theta_sha:
         raise PackError(f"{where}: θ0 tensors do not match theta0_sha256")
+    if resolution == "stem":
+        if "input_norm.mean" not in theta or "input_norm.std" not in theta:
+            raise PackError(f"{where}: a stem-resolution pack needs θ0's input_norm statistics")
+        X, gi = (from_stem(v, theta, mc.stem_pool, shape) for v in (X, gi))
     return Pack(path=where, pack_id=sha256_bytes(c.manifest_bytes), sequence=sequence,
                 format_version=str(m["format_version"]), classes=classes, feature_config=fc, model_config=mc,
                 schedule=sched, theta0=theta, theta0_sha256=theta_sha, X=X, y=y, golden_inputs=gi,
@@ -578,7 +639,8 @@ def inspect_pack(path, public_key=None) -> dict:
         "ok": ok, "path": where, "bytes": c.size, "pack_id": pack.pack_id, "format_version": pack.format_version,
         "sequence": pack.sequence, "created": pack.created, "signature": sig_state,
         "classes": list(pack.classes), "synthetic": {"samples": int(len(pack.X)), "shape": list(pack.X.shape[1:]),
-                                                     "per_class": counts, "soft_labels": bool(pack.y.ndim == 2)},
+                                                     "per_class": counts, "soft_labels": bool(pack.y.ndim == 2),
+                                                     "stored_resolution": m.get("synthetic_resolution", "input")},
         "model": pack.model_config.to_dict(), "theta0": {"tensors": len(pack.theta0), "values": n_params,
                                                           "sha256": pack.theta0_sha256},
         "schedule": pack.schedule.to_dict(), "features": pack.feature_config.to_dict(),

@@ -104,6 +104,17 @@ def test_schedule_round_trip_and_replay_is_exact(tmp_path):
     assert all(np.array_equal(runs[0][k], runs[1][k]) for k in runs[0])
 
 
+def test_student_anchor_walks_the_device_path(tmp_path):
+    """anchor="student": segments start on the device's own path from θ0; a bad anchor is one clear error."""
+    train = _toy()
+    syn, cfg, theta0 = _distill(train, iterations=3, workdir=tmp_path,
+                                params=FAST + (("anchor", "student"), ("path_every", 2), ("lr_img", 0.1)))
+    assert syn.X.shape == (4, 64, 298) and np.isfinite(syn.X).all()
+    assert syn.stats["history"] and syn.schedule.lr > 0
+    with pytest.raises(ValueError, match="anchor"):
+        _distill(train, iterations=1, workdir=tmp_path / "bad", params=FAST + (("anchor", "nowhere"),))
+
+
 def test_mtt_runs_and_learns_step_size(tmp_path):
     train = _toy()
     syn, _, _ = _distill(train, method="mtt", iterations=2, workdir=tmp_path,

@@ -18,7 +18,9 @@ exactly that procedure, with exact gradients:
    ``||θ_student - θ_{t+M}||² / ||θ_t - θ_{t+M}||²`` with ``M = expert_epochs_ahead``. The loss is
    back-propagated exactly through the unroll to the clips, the log step size (and learnable labels);
    all are updated with Adam. Because every expert starts at θ0, the segments the student learns to
-   reproduce are the ones a device walks.
+   reproduce are the ones a device walks. With ``anchor="student"`` a segment starts where the device's
+   own run from θ0 on the current set stands after ``t`` segments (recomputed every ``path_every``
+   iterations) instead of at the expert's θ_t, so the set also learns to correct the device's drift.
 4. **Schedule**: every ``eval_every`` iterations θ0 is trained on the current set with the device's
    procedure and scored on validation speakers; the best set is kept. Finally the step size (times
    ``lr_factors``) and the number of steps (``epoch_grid``: full batch, so epochs = steps) are chosen on
@@ -26,6 +28,7 @@ exactly that procedure, with exact gradients:
 
 Params (``cfg.param(key, default)``): experts 2, expert_epochs 15, expert_lr 1e-3, init_select "herding",
 teacher_labels False, temperature 2.0, max_start_epoch 8, p_theta0 0.3, expert_epochs_ahead 1, syn_steps 4,
+anchor "expert" (or "student", see 3), path_every 5,
 lr_init 0.05, lr_img 0.03, lr_lr 0.01, lr_label 0.05, eval_every 25, eval_epochs 40, lr_factors (0.5, 1, 2),
 epoch_grid (10, 20, 40, 60, 80), val_speakers 2 (held out of ``train`` when ``val`` is None).
 Default iterations: 150.
@@ -163,6 +166,25 @@ def distill_fixed_init(train: FeatureSet, cfg: DistillConfig, model_cfg: ModelCo
         start_it, history, best = meta["iteration"], meta["history"], meta["best"]
         best.update(x=arrays["best_x"], y=arrays["best_y"])
 
+    anchor = str(P("anchor", "expert"))
+    if anchor not in ("expert", "student"):
+        raise ValueError(f"fixed-init anchor must be 'expert' or 'student', got {anchor!r}")
+    path_every, path = max(1, int(P("path_every", 5))), None
+
+    def device_path(X: np.ndarray, labels, lr: float):
+        """[(params, buffers)] at the start of each segment of the device's own run from θ0: segment j
+        starts after j * syn_steps full-batch SGD steps (no graph; refreshed every ``path_every`` iterations)."""
+        p = {k: torch.as_tensor(np.asarray(theta0[k])).clone() for k in names}
+        b = {k: torch.as_tensor(np.asarray(theta0[k])).clone() for k in buffer_names}
+        xt, out = torch.as_tensor(X), []
+        for _ in range(max(1, min(max_start + 1, expert_cfg.epochs // ahead))):
+            out.append(({k: v.detach().clone() for k, v in p.items()}, {k: v.clone() for k, v in b.items()}))
+            for _ in range(syn_steps):
+                p = {k: v.detach().requires_grad_(True) for k, v in p.items()}
+                g = torch.autograd.grad(loss_fn(functional_call(net, {**p, **b}, (xt,)), labels), list(p.values()))
+                p = {k: v.detach() - lr * gi for (k, v), gi in zip(p.items(), g)}
+        return out
+
     bar = make_bar(progress, iterations, "fixed-init", start_it)
     eval_every = max(1, int(P("eval_every", 25)))
     for it in range(start_it, iterations + 1):
@@ -186,11 +208,19 @@ def distill_fixed_init(train: FeatureSet, cfg: DistillConfig, model_cfg: ModelCo
         if it == iterations:
             break
 
-        # 3a. an expert segment θ_t -> θ_{t+M}; θ0 itself with probability p_theta0
+        # 3a. a segment to reproduce, ending at expert epoch t+M. anchor="expert": start at the expert's θ_t
+        #     (θ0 itself with probability p_theta0), as MTT does. anchor="student": start where the device
+        #     itself stands after t/M segments of its own training from θ0 on the current set.
         traj = experts[int(rng.integers(len(experts)))]
-        start = 0 if rng.random() < float(P("p_theta0", 0.3)) else int(rng.integers(0, max_start + 1))
-        params = {k: torch.as_tensor(traj.states[k][start]) for k in names}
-        buffers = {k: torch.as_tensor(traj.states[k][start]).clone() for k in buffer_names}
+        if anchor == "student":
+            if path is None or it % path_every == 0:
+                path = device_path(x_now(), labels_now().detach(), float(torch.exp(log_lr.detach())))
+            seg = int(rng.integers(0, len(path)))
+            params, buffers, start = path[seg][0], {k: v.clone() for k, v in path[seg][1].items()}, seg * ahead
+        else:
+            start = 0 if rng.random() < float(P("p_theta0", 0.3)) else int(rng.integers(0, max_start + 1))
+            params = {k: torch.as_tensor(traj.states[k][start]) for k in names}
+            buffers = {k: torch.as_tensor(traj.states[k][start]).clone() for k in buffer_names}
         start_vec = torch.cat([params[k].reshape(-1) for k in names])
         target = torch.cat([torch.as_tensor(traj.states[k][start + ahead]).reshape(-1) for k in names])
 
