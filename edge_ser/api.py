@@ -63,9 +63,11 @@ def golden_indices(labels: np.ndarray, count: int = GOLDEN_COUNT) -> np.ndarray:
 
 
 def golden_tolerance(logits: np.ndarray) -> float:
-    """Max absolute logit difference a device may show after replaying the schedule: 2% of the logit
-    range, at least 0.05 (float reassociation across thread counts and CPUs drifts over many steps)."""
-    return float(max(0.05, 0.02 * float(np.abs(logits).max())))
+    """Max absolute logit difference a device may show after replaying the schedule: 5% of the largest
+    logit, at least 0.1. Float reassociation (other thread counts, CPUs, BLAS) drifts over hundreds of
+    steps: a 300-step Adam schedule on the demo corpus, replayed on 1 thread against 2, drifted 0.17 on
+    logits of magnitude ~7 with every argmax equal. A wrong θ0, set or schedule moves logits by units."""
+    return float(max(0.1, 0.05 * float(np.abs(logits).max())))
 
 
 def pack(corpus, output, method: Optional[str] = None, ipc: int = 10, test_speakers=None, seed: int = 0,
@@ -134,16 +136,23 @@ def pack(corpus, output, method: Optional[str] = None, ipc: int = 10, test_speak
     # of the real clips' detail the model cannot see); from here on the server uses exactly what a
     # device will reconstruct, so golden vectors and schedule hold bit for bit
     resolution = "stem" if model_cfg.arch == "convnet" and tuple(model_cfg.stem_pool) != (1, 1) else "input"
+    stored = syn.X
     if resolution == "stem":
-        from .pack import stem_round_trip
+        from .pack import from_stem, to_stem
 
-        syn.X = stem_round_trip(syn.X, theta0, model_cfg.stem_pool)
+        stored = to_stem(syn.X, theta0, model_cfg.stem_pool)
+        syn.X = from_stem(stored, theta0, model_cfg.stem_pool, syn.X.shape[1:])
 
     # golden vectors: θ0 trained with the pack's own schedule on the synthetic set, logits on a few
     # synthetic inputs (never real speech: the pack must not carry the corpus)
     trained = build_model(model_cfg, seed=int(seed))
     trained.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in theta0.items()})
-    train_schedule(trained, syn.X, syn.y, syn.schedule)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)        # as a one-core device replays it: the check is then tightest there
+    try:
+        train_schedule(trained, syn.X, syn.y, syn.schedule)
+    finally:
+        torch.set_num_threads(threads)
     gidx = golden_indices(syn.hard_labels)
     golden_inputs = np.ascontiguousarray(syn.X[gidx], dtype=np.float32)
     golden_logits = predict_logits(trained, golden_inputs).astype(np.float32)
@@ -158,8 +167,9 @@ def pack(corpus, output, method: Optional[str] = None, ipc: int = 10, test_speak
         "distill_stats": _jsonable(syn.stats), "distill_seconds": round(distill_seconds, 2),
         "problems": len(problems),
     }
-    info = write_pack(output, X=syn.X, y=syn.y, classes=fs.classes, feature_config=feature_cfg,
-                      model_config=model_cfg, schedule=syn.schedule, theta0=theta0, golden_inputs=golden_inputs,
+    info = write_pack(output, X=stored, y=syn.y, classes=fs.classes, feature_config=feature_cfg,
+                      model_config=model_cfg, schedule=syn.schedule, theta0=theta0,
+                      golden_inputs=np.ascontiguousarray(stored[gidx]),
                       golden_logits=golden_logits, golden_tolerance=golden_tolerance(golden_logits),
                       provenance=provenance, calibration=None, sequence=created_ms, private_key=private_key,
                       created_ms=created_ms, resolution=resolution)

@@ -58,7 +58,11 @@ def _mqtt_roundtrip(pack_path: Path, workdir: Path, public_key: Path, quiet: boo
         proc.wait(timeout=10)
 
 
-def run_demo(workdir=None, ipc: int = 10, quiet: bool = False) -> Dict:
+#: distillation iterations for the demo: enough to show the default method at work in a few minutes
+DEMO_ITERATIONS = 30
+
+
+def run_demo(workdir=None, ipc: int = 10, quiet: bool = False, iterations: int = DEMO_ITERATIONS) -> Dict:
     """Run the demo pipeline in ``workdir`` (default: a fresh temp folder) and return its numbers."""
     from .api import pack
     from .corpora.report import corpus_info
@@ -80,7 +84,8 @@ def run_demo(workdir=None, ipc: int = 10, quiet: bool = False) -> Dict:
     _say("2/6 server: key pair + distil the corpus into a signed pack", quiet)
     keys = keygen(str(work / "keys"), force=True)
     pack_path = work / "demo.pack"
-    packed = pack("demo", str(pack_path), ipc=ipc, key=keys["private_key"], progress=not quiet)
+    packed = pack("demo", str(pack_path), ipc=ipc, key=keys["private_key"], iterations=iterations,
+                  progress=not quiet)
     out["pack"] = {k: packed.get(k) for k in ("pack_id", "bytes", "corpus_bytes", "method", "ipc", "test_speakers")}
     _say(f"    {packed.get('bytes', 0) / 1024:.0f} KiB pack ({packed.get('method')}, ipc={ipc}) from "
          f"{packed.get('corpus_bytes', 0) / 1e6:.1f} MB of audio", quiet)

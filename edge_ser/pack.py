@@ -201,12 +201,6 @@ def from_stem(Z: np.ndarray, theta0: Mapping[str, np.ndarray], stem: Tuple[int, 
     return np.ascontiguousarray(z * std + mean, dtype=np.float32)
 
 
-def stem_round_trip(X: np.ndarray, theta0: Mapping[str, np.ndarray], stem: Tuple[int, int]) -> np.ndarray:
-    """What a device reconstructs from a stem-resolution pack: ``from_stem(to_stem(X))``."""
-    X = np.asarray(X, np.float32)
-    return from_stem(to_stem(X, theta0, stem), theta0, stem, X.shape[1:])
-
-
 def parse_npy(data: bytes, where: str) -> np.ndarray:
     """Parse ``.npy`` bytes without pickle and without trusting the header's shape for allocation."""
     fmt = np.lib.format
@@ -256,9 +250,10 @@ def write_pack(path, *, X, y, classes, feature_config: FeatureConfig, model_conf
     """Write a pack atomically (temp file, fsync, rename); sign it when ``private_key`` is given
     (an Ed25519 key object or a PEM path). Returns ``{"path", "pack_id", "bytes", "sequence", "signed"}``.
 
-    ``resolution="stem"`` stores X and the golden inputs as the model's stem sees them (:func:`to_stem`);
-    a device then trains on :func:`stem_round_trip` of them, so the golden logits must be computed on
-    that (as ``edge_ser.api.pack`` does).
+    ``resolution="stem"``: ``X`` and ``golden_inputs`` are given as the model's stem sees them
+    (:func:`to_stem`, shape (M, n_mels // a, frames // b)) and stored as they are; a device trains on
+    :func:`from_stem` of them, so the golden logits must be computed on exactly that, bit for bit (as
+    ``edge_ser.api.pack`` does).
 
     >>> write_pack("x.pack", X=X, y=y, classes=cls, feature_config=fc, model_config=mc, schedule=s,
     ...            theta0=state_arrays(model), golden_inputs=gi, golden_logits=gl, golden_tolerance=0.05,
@@ -268,11 +263,14 @@ def write_pack(path, *, X, y, classes, feature_config: FeatureConfig, model_conf
     sequence = created_ms if sequence is None else int(sequence)
     X = np.ascontiguousarray(X, dtype=np.float32)
     golden_inputs = np.asarray(golden_inputs, dtype=np.float32)
-    if resolution == "stem":
-        X = to_stem(X, theta0, model_config.stem_pool)
-        golden_inputs = to_stem(golden_inputs, theta0, model_config.stem_pool)
-    elif resolution != "input":
+    if resolution not in ("input", "stem"):
         raise ValueError(f"resolution must be 'input' or 'stem', got {resolution!r}")
+    if resolution == "stem":
+        a, b = model_config.stem_pool
+        stem_shape = (feature_config.n_mels // a, feature_config.num_frames // b)
+        if X.shape[1:] != stem_shape or golden_inputs.shape[1:] != stem_shape:
+            raise ValueError(f"resolution='stem' takes X and golden inputs at the stem's resolution {stem_shape} "
+                             f"(edge_ser.pack.to_stem), got {X.shape[1:]} / {golden_inputs.shape[1:]}")
     y = np.asarray(y)
     y = np.ascontiguousarray(y, dtype=np.int64 if y.ndim == 1 else np.float32)
     members: Dict[str, bytes] = {

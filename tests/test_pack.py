@@ -102,8 +102,12 @@ def test_stem_resolution_pack_is_smaller_and_the_model_sees_the_same(tmp_path, h
     theta0 = state_arrays(model)
     full = make_pack(tmp_path / "full.pack", private_key=home["private_key"], fc=fc, model_config=mc, X=X,
                      theta0=theta0, golden_inputs=X[:2], golden_logits=np.zeros((2, 4), np.float32))
-    stem = make_pack(tmp_path / "stem.pack", private_key=home["private_key"], fc=fc, model_config=mc, X=X,
-                     theta0=theta0, golden_inputs=X[:2], golden_logits=np.zeros((2, 4), np.float32), resolution="stem")
+    Z = P.to_stem(X, theta0, mc.stem_pool)
+    stem = make_pack(tmp_path / "stem.pack", private_key=home["private_key"], fc=fc, model_config=mc, X=Z,
+                     theta0=theta0, golden_inputs=Z[:2], golden_logits=np.zeros((2, 4), np.float32), resolution="stem")
+    with pytest.raises(ValueError, match="stem's resolution"):
+        make_pack(tmp_path / "bad.pack", fc=fc, model_config=mc, X=X, theta0=theta0, golden_inputs=X[:2],
+                  golden_logits=np.zeros((2, 4), np.float32), resolution="stem")
     assert stem["bytes"] < full["bytes"]
     info = P.inspect_pack(stem["path"])
     assert info["members"]["data/X.npy"]["bytes"] < 0.3 * P.inspect_pack(full["path"])["members"]["data/X.npy"]["bytes"]
@@ -116,7 +120,7 @@ def test_stem_resolution_pack_is_smaller_and_the_model_sees_the_same(tmp_path, h
     with torch.no_grad():                               # ... and the model cannot tell
         a, b = model(torch.from_numpy(X)).numpy(), model(torch.from_numpy(p.X)).numpy()
     assert np.max(np.abs(a - b)) < 1e-4
-    assert np.array_equal(p.X, P.stem_round_trip(X, theta0, mc.stem_pool))
+    assert np.array_equal(p.X, P.from_stem(Z, theta0, mc.stem_pool, X.shape[1:]))   # bit for bit
 
 
 def test_soft_labels_calibration_and_real_model_state(tmp_path, home):
