@@ -19,7 +19,7 @@ from edge_ser.train import evaluate_arrays  # noqa: E402
 # tiny settings: few expert epochs and iterations; the model and features stay the product's
 FAST = (("experts", 1), ("expert_epochs", 2), ("max_start_epoch", 1), ("syn_steps", 1), ("eval_every", 2),
         ("eval_epochs", 2), ("epoch_grid", (2, 4)), ("lr_factors", (1.0,)), ("train_epochs", 2), ("val_speakers", 1),
-        ("init_select", "random"))
+        ("init_select", "random"), ("robust_schedule", False))
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -90,7 +90,11 @@ def test_deterministic_with_seed_and_resumes_from_checkpoint(tmp_path):
 
 def test_schedule_round_trip_and_replay_is_exact(tmp_path):
     train = _toy()
-    syn, cfg, theta0 = _distill(train, workdir=tmp_path)
+    syn, cfg, theta0 = _distill(train, workdir=tmp_path, params=FAST + (("robust_schedule", True), ("steps", 20)))
+    rows = syn.stats["schedule_selection"]
+    assert any(r.get("optimizer") == "adam" and r.get("augment") for r in rows)     # the robust recipe competed
+    best = max(r["val_uar"] for r in rows)
+    assert syn.stats["val_uar"] == pytest.approx(best)                              # and the best one won
     s = syn.schedule
     assert Schedule.from_dict(s.to_dict()) == s
     import json
