@@ -131,6 +131,8 @@ def main(argv=None) -> int:
     ap.add_argument("--rss-runs", type=int, default=50, help="windows run in the peak-RSS child")
     ap.add_argument("--quick", action="store_true", help="demo corpus, random IPC 2, 30 runs (< 90 s)")
     ap.add_argument("--out", default=None, help="JSON output (default benchmarks/results/inference[.quick].json)")
+    ap.add_argument("--plot", default=None, help="PNG of latency by runtime (default benchmarks/inference.png; "
+                                                 "none with --quick unless given)")
     a = ap.parse_args(argv)
     runtimes = [r.strip() for r in a.runtimes.split(",") if r.strip()]
     if set(runtimes) - set(RUNTIMES):
@@ -192,7 +194,37 @@ def main(argv=None) -> int:
         print(f"UAR {k}: {v:+.2f} points")
     print(f"{len(X)} test windows; latency over {a.runs} single-window calls after {a.warmup} warm-up, 1 thread")
     print(f"wrote {write_json(out, report)}")
+    plot_path = a.plot or (None if a.quick else str(HERE / "inference.png"))
+    if plot_path and any("p50_ms" in r for r in rows):
+        plot_latency(rows, Path(plot_path), f"{corpus if corpus == 'demo' else Path(corpus).name}: one 3 s window, "
+                                            f"1 thread, {a.runs} calls")
+        print(f"wrote {plot_path}")
     return 0
+
+
+def plot_latency(rows, path: Path, title: str) -> None:
+    """Bar chart: median latency per runtime with the p95 as a whisker, file size and UAR in the labels."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    done = [r for r in rows if "p50_ms" in r]
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    x = range(len(done))
+    p50 = [r["p50_ms"] for r in done]
+    ax.bar(x, p50, color="#4c72b0")
+    ax.errorbar(x, p50, yerr=[[0] * len(done), [r["p95_ms"] - r["p50_ms"] for r in done]], fmt="none",
+                ecolor="k", capsize=4)
+    ax.set_xticks(list(x), [f"{r['runtime']}\n{r['bytes'] / 1024:.0f} KB, UAR {100 * r['uar']:.1f}%" for r in done],
+                  fontsize=8)
+    ax.set_ylabel("latency per window (ms): p50, whisker p95")
+    ax.set_title(title, fontsize=9)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

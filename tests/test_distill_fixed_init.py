@@ -19,7 +19,7 @@ from edge_ser.train import evaluate_arrays  # noqa: E402
 # tiny settings: few expert epochs and iterations; the model and features stay the product's
 FAST = (("experts", 1), ("expert_epochs", 2), ("max_start_epoch", 1), ("syn_steps", 1), ("eval_every", 2),
         ("eval_epochs", 2), ("epoch_grid", (2, 4)), ("lr_factors", (1.0,)), ("train_epochs", 2), ("val_speakers", 1),
-        ("init_select", "random"), ("robust_schedule", False))
+        ("init_select", "random"))
 
 
 @pytest.fixture(scope="module", autouse=True)

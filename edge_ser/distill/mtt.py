@@ -94,7 +94,9 @@ def workdir_for(cfg: DistillConfig, model_cfg: ModelConfig, train: FeatureSet, t
         from ..models import state_sha256
         from .experts import data_sha256
 
-        key = json.dumps({"cfg": cfg.to_dict(), "model": model_cfg.to_dict(), "data": data_sha256(train),
+        # threads and iterations stay out of the key: a run may resume with other threads or run longer
+        settings = {k: v for k, v in cfg.to_dict().items() if k not in ("threads", "iterations")}
+        key = json.dumps({"cfg": settings, "model": model_cfg.to_dict(), "data": data_sha256(train),
                           "theta0": state_sha256(theta0)}, sort_keys=True, default=str)
         path = cache_dir() / "distill" / hashlib.sha256(key.encode()).hexdigest()[:16]
     path.mkdir(parents=True, exist_ok=True)
@@ -310,7 +312,7 @@ def distill_mtt(train: FeatureSet, cfg: DistillConfig, model_cfg: ModelConfig, t
                 label_logits -= float(P("lr_label", 10.0)) * mom["lab"]
         if bar is not None:
             bar.update(1)
-            bar.set_postfix(loss=f"{float(loss):.3f}", val_uar=f"{history[-1]['val_uar']:.3f}",
+            bar.set_postfix(loss=f"{float(loss.detach()):.3f}", val_uar=f"{history[-1]['val_uar']:.3f}",
                             lr=f"{float(syn_lr):.2g}")
         del student, grads, loss
     if bar is not None:
