@@ -10,7 +10,6 @@ import json
 import multiprocessing as mp
 import os
 import platform
-import resource
 import time
 import traceback
 from datetime import datetime, timezone
@@ -74,16 +73,11 @@ def _jsonable(o):
 
 
 def child_peak_rss_mb() -> float:
-    """This process's own peak RSS in MiB: ``VmHWM`` on Linux (``ru_maxrss`` survives exec, so a child
-    would report its parent's peak), ``ru_maxrss`` elsewhere."""
-    try:
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024.0
-    except (OSError, ValueError, IndexError):
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    """This process's own peak RSS in MiB (``VmHWM`` on Linux: ``ru_maxrss`` survives exec, so a spawned
+    child would report its parent's peak); see :func:`edge_ser.memory.peak_rss_mb`."""
+    from edge_ser.memory import peak_rss_mb
+
+    return peak_rss_mb()
 
 
 def _child(conn, fn, args, kwargs):

@@ -105,7 +105,7 @@ def plot(rows: List[Dict], full: Dict, path: Path, title: str) -> None:
             f = full[init]
             ax.axhline(100 * f["uar_mean"], color="k", ls="--", label=f"full data ({100 * f['uar_mean']:.1f})")
         ax.set_xscale("log")
-        ax.set_xlabel("images (utterances) per class")
+        ax.set_xlabel("synthetic or real utterances per class (IPC)")
         ax.set_title(f"train from {'θ0' if init == 'theta0' else 'random init'}")
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("test UAR (%)")

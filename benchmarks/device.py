@@ -170,15 +170,25 @@ def main(argv=None) -> int:
             for t in threads:
                 setting = []
                 for rep in range(repeats):
-                    res, rss, maxrss, secs = child(train_job, pack_path, str(tmp / "model"), budget, t, public_key,
-                                                   export)
+                    try:
+                        res, rss, maxrss, secs = child(train_job, pack_path, str(tmp / "model"), budget, t, public_key,
+                                                       export)
+                    except RuntimeError as exc:     # a budget the planner refuses is a result, not a crash
+                        if "MemoryBudgetError" not in str(exc):
+                            raise
+                        line = next((ln for ln in str(exc).splitlines() if "MemoryBudgetError" in ln), str(exc))
+                        report.setdefault("refused_budgets", []).append({"budget_mb": budget, "threads": t,
+                                                                         "message": line.strip()})
+                        print(f"budget {budget} MB, {t} thread(s): refused up front: {line.strip()}", flush=True)
+                        break
                     setting.append({"budget_mb": budget, "threads": t, "repeat": rep, "child_seconds": round(secs, 3),
                                     "peak_rss_mb": rss, "ru_maxrss_mb": maxrss, "result": res})
                     golden = golden_word(res["golden"]["passed"], res["exact_schedule"])
                     print(f"budget {budget or 'none'} MB, {t} thread(s), run {rep + 1}/{repeats}: {secs:.1f} s, "
                           f"peak RSS {rss:.0f} MB, golden {golden}", flush=True)
-                runs += setting
-                summary.append(summarise(setting))
+                if setting:
+                    runs += setting
+                    summary.append(summarise(setting))
                 write_json(out, report)
 
         if a.refusal_budget > 0:
