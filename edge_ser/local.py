@@ -126,13 +126,14 @@ def _replace_folder(tmp: Path, out: Path) -> None:
 
 
 def recover_folder(out: Path) -> None:
-    """After a crash between the two renames of :func:`_replace_folder`, put the previous model back."""
+    """After a crash inside :func:`_replace_folder`: between its two renames, put the previous model back;
+    after them (killed while deleting the old folder), the new model is complete and the old one is
+    garbage. Either way no ``.old-*`` or ``.tmp-*`` folder is left behind."""
     out = Path(out)
-    if not out.exists():
-        olds = sorted(out.parent.glob(f".{out.name}.old-*"), key=lambda p: p.stat().st_mtime)
-        if olds:
-            os.replace(olds[-1], out)
-    for stale in out.parent.glob(f".{out.name}.tmp-*"):
+    olds = sorted(out.parent.glob(f".{out.name}.old-*"), key=lambda p: p.stat().st_mtime)
+    if not out.exists() and olds:
+        os.replace(olds.pop(), out)
+    for stale in olds + list(out.parent.glob(f".{out.name}.tmp-*")):
         shutil.rmtree(stale, ignore_errors=True)
 
 
