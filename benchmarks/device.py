@@ -8,7 +8,7 @@ and memory budget: wall and CPU seconds, whole-process peak RSS, golden check, e
 Without --pack it first makes a signed pack (``edge_ser.api.pack``, product default method, IPC 10;
 test speakers 19-24 on RAVDESS) with a fresh key pair. Every train_local run is a spawned child
 (``benchmarks._common.run_in_child``): peak RSS is the whole child process (torch, onnxruntime and the
-TensorFlow converter included; VmHWM, see ``benchmarks.pack.child``); CPU seconds are the child's
+TensorFlow converter included; VmHWM, see ``benchmarks._common.child_peak_rss_mb``); CPU seconds are the child's
 user + system time over the train_local call. Medians over --repeats per (budget, threads). Finally
 a budget that cannot be met (--refusal-budget, 150 MB) must be refused with
 ``edge_ser.memory.MemoryBudgetError`` before training, not by an OOM kill.
@@ -25,8 +25,8 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional
 
-from ._common import print_machine_info, write_json
-from .pack import HERE, child, default_corpus, make_keys, pack_job, test_speakers_for
+from ._common import print_machine_info, run_in_child, write_json
+from .pack import HERE, default_corpus, make_keys, pack_job, test_speakers_for
 
 
 def _cpu_seconds() -> float:
@@ -82,7 +82,6 @@ def summarise(runs: List[Dict]) -> Dict:
            "wall_seconds": median([r["child_seconds"] for r in runs]),
            "cpu_seconds": median([x["cpu_seconds"] for x in res]),
            "peak_rss_mb": median([r["peak_rss_mb"] for r in runs]),
-           "ru_maxrss_mb": median([r["ru_maxrss_mb"] for r in runs]),
            "train_seconds": median([x["train_seconds"] for x in res]),
            "export_seconds": median([x["export_seconds"] for x in res]),
            "train_local_wall_seconds": median([x["wall_seconds"] for x in res]),
@@ -148,10 +147,10 @@ def main(argv=None) -> int:
             keys = make_keys(tmp / "keys")
             public_key, pack_path = keys["public_key"], str(tmp / "bench.pack")
             held = test_speakers_for(corpus, a.test_speakers)
-            made, rss, _, secs = child(pack_job, corpus, pack_path, method, ipc, held, keys["private_key"],
+            made, rss, secs = run_in_child(pack_job, corpus, pack_path, method, ipc, held, keys["private_key"],
                                        max(threads))
             report["pack_source"] = {"corpus": corpus, "method": made["method"], "ipc": made["ipc"],
-                                     "seconds": round(secs, 1), "peak_rss_mb": rss}
+                                     "seconds": round(secs, 1), "peak_rss_mb": round(rss, 1)}
             print(f"made a {made['method']} IPC {made['ipc']} pack from {corpus} in {secs:.1f} s")
         from edge_ser.pack import inspect_pack
 
@@ -171,8 +170,8 @@ def main(argv=None) -> int:
                 setting = []
                 for rep in range(repeats):
                     try:
-                        res, rss, maxrss, secs = child(train_job, pack_path, str(tmp / "model"), budget, t, public_key,
-                                                       export)
+                        res, rss, secs = run_in_child(train_job, pack_path, str(tmp / "model"), budget, t,
+                                                      public_key, export)
                     except RuntimeError as exc:     # a budget the planner refuses is a result, not a crash
                         if "MemoryBudgetError" not in str(exc):
                             raise
@@ -182,7 +181,7 @@ def main(argv=None) -> int:
                         print(f"budget {budget} MB, {t} thread(s): refused up front: {line.strip()}", flush=True)
                         break
                     setting.append({"budget_mb": budget, "threads": t, "repeat": rep, "child_seconds": round(secs, 3),
-                                    "peak_rss_mb": rss, "ru_maxrss_mb": maxrss, "result": res})
+                                    "peak_rss_mb": round(rss, 1), "result": res})
                     golden = golden_word(res["golden"]["passed"], res["exact_schedule"])
                     print(f"budget {budget or 'none'} MB, {t} thread(s), run {rep + 1}/{repeats}: {secs:.1f} s, "
                           f"peak RSS {rss:.0f} MB, golden {golden}", flush=True)
@@ -193,11 +192,11 @@ def main(argv=None) -> int:
 
         if a.refusal_budget > 0:
             try:
-                refusal, rss, _, _ = child(refusal_job, pack_path, str(tmp / "refused"), a.refusal_budget,
+                refusal, rss, _ = run_in_child(refusal_job, pack_path, str(tmp / "refused"), a.refusal_budget,
                                            public_key, export)
             except RuntimeError as exc:  # another exception in the child: recorded, not a refusal
                 refusal, rss = {"refused": False, "error": str(exc).splitlines()[0], "message": str(exc)}, None
-            refusal.update(budget_mb=a.refusal_budget, peak_rss_mb=rss)
+            refusal.update(budget_mb=a.refusal_budget, peak_rss_mb=None if rss is None else round(rss, 1))
             report["refusal"] = refusal
             print(f"budget {a.refusal_budget:.0f} MB: {'refused' if refusal['refused'] else 'NOT refused'} "
                   f"({refusal['error']}): {refusal['message'].splitlines()[0]}")

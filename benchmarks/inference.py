@@ -11,7 +11,7 @@ runtime is loaded with ``load_runtime(folder, runtime=name, threads=1)`` and tim
 (``predict_logits(X[i:i+1])``, --warmup then --runs calls, windows from the test speakers): p50 / p95
 ms. UAR / WA come from the whole test set; parity is the argmax agreement and max logit difference
 against torch. Peak RSS per runtime is a spawned child's whole process (load + --rss-runs windows;
-VmHWM, see ``benchmarks.pack.child``).
+VmHWM, see ``benchmarks._common.child_peak_rss_mb``).
 A runtime whose package or file is missing is skipped with a note.
 """
 from __future__ import annotations
@@ -31,9 +31,9 @@ from typing import Dict, Optional  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-from ._common import print_machine_info, write_json  # noqa: E402
+from ._common import print_machine_info, run_in_child, write_json  # noqa: E402
 from .device import train_job  # noqa: E402
-from .pack import HERE, child, default_corpus, make_keys, pack_job, test_speakers_for  # noqa: E402
+from .pack import HERE, default_corpus, make_keys, pack_job, test_speakers_for  # noqa: E402
 
 RUNTIMES = ("torch", "onnx", "onnx-int8", "tflite")
 
@@ -55,8 +55,8 @@ def make_model(folder: Path, corpus: str, method: str, ipc: int, test_speakers: 
     """keys -> pack -> train_local (export on) into ``folder / "model"``; a summary of what was made."""
     keys = make_keys(folder / "keys")
     pack_path = str(folder / "bench.pack")
-    made, _, _, pack_s = child(pack_job, corpus, pack_path, method, ipc, test_speakers, keys["private_key"], 1)
-    res, _, _, train_s = child(train_job, pack_path, str(folder / "model"), None, 1, keys["public_key"], True)
+    made, _, pack_s = run_in_child(pack_job, corpus, pack_path, method, ipc, test_speakers, keys["private_key"], 1)
+    res, _, train_s = run_in_child(train_job, pack_path, str(folder / "model"), None, 1, keys["public_key"], True)
     return {"corpus": corpus, "method": made["method"], "ipc": made["ipc"], "pack_bytes": made["bytes"],
             "samples": made["samples"], "pack_seconds": round(pack_s, 1), "train_local_seconds": round(train_s, 1),
             "golden_passed": res["golden"]["passed"], "warnings": res["warnings"]}
@@ -112,8 +112,8 @@ def bench_runtime(folder: Path, name: str, X, y, a, ref_logits: Optional[np.ndar
         row["argmax_agreement_vs_torch"] = float(np.mean(logits.argmax(1) == ref_logits.argmax(1)))
         row["max_abs_logit_diff_vs_torch"] = float(np.abs(logits - ref_logits).max())
     del runner
-    extra, rss, maxrss, _ = child(rss_job, str(folder), name, np.ascontiguousarray(X[:8]), a.rss_runs)
-    row.update(peak_rss_mb=rss, ru_maxrss_mb=maxrss, **extra)
+    extra, rss, _ = run_in_child(rss_job, str(folder), name, np.ascontiguousarray(X[:8]), a.rss_runs)
+    row.update(peak_rss_mb=round(rss, 1), **extra)
     return row
 
 

@@ -22,7 +22,7 @@ import sys
 import tempfile
 import zipfile
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple
+from typing import Dict, Optional
 
 from ._common import print_machine_info, run_in_child, write_json
 
@@ -61,13 +61,6 @@ def cold_cache(folder) -> Path:
             if entry.name not in ("distill", "experts") and not (folder / entry.name).exists():
                 (folder / entry.name).symlink_to(entry.resolve(), target_is_directory=entry.is_dir())
     return folder
-
-
-def child(fn, *args, **kwargs) -> Tuple[Any, float, float, float]:
-    """``run_in_child`` as (result, peak RSS MiB of the whole child, the same value under its old
-    ``ru_maxrss_mb`` key, seconds); the child's own high-water mark, see ``_common.child_peak_rss_mb``."""
-    result, rss, seconds = run_in_child(fn, *args, **kwargs)
-    return result, round(rss, 1), round(rss, 1), seconds
 
 
 def pack_job(corpus: str, output: str, method: Optional[str], ipc: int, test_speakers: Optional[str], key: str,
@@ -137,12 +130,12 @@ def main(argv=None) -> int:
             for ipc in ipcs:
                 path = Path(tmp) / f"{method}-{ipc}.pack"
                 cache = None if a.warm_cache else str(cold_cache(Path(tmp) / f"cache-{method}-{ipc}"))
-                res, rss, maxrss, secs = child(pack_job, corpus, str(path), method, ipc, test_speakers,
-                                               keys["private_key"], threads, a.seed, a.iterations, cache)
+                res, rss, secs = run_in_child(pack_job, corpus, str(path), method, ipc, test_speakers,
+                                              keys["private_key"], threads, a.seed, a.iterations, cache)
                 row = {"method": res["method"], "ipc": ipc, "samples": res["samples"], "bytes": res["bytes"],
                        "corpus_bytes": res["corpus_bytes"], "ratio": res["ratio"],
                        "distill_seconds": res["distill_seconds"], "pack_seconds": res["seconds"],
-                       "child_seconds": round(secs, 2), "peak_rss_mb": rss, "ru_maxrss_mb": maxrss,
+                       "child_seconds": round(secs, 2), "peak_rss_mb": round(rss, 1),
                        "bytes_per_sample": round(res["bytes"] / max(1, res["samples"])),
                        "members": member_breakdown(path, keys["public_key"])}
                 rows.append(row)
