@@ -170,9 +170,15 @@ def npy_bytes(arr: np.ndarray) -> bytes:
 
 
 def _band_stats(theta0: Mapping[str, np.ndarray]) -> Tuple[np.ndarray, np.ndarray]:
-    mean = np.asarray(theta0["input_norm.mean"], np.float32)[:, None]
-    std = np.maximum(np.asarray(theta0["input_norm.std"], np.float32), np.float32(1e-3))[:, None]
-    return mean, std
+    """θ0's per-band input statistics as the model's InputNorm uses them (already clamped when set)."""
+    return (np.asarray(theta0["input_norm.mean"], np.float32)[:, None],
+            np.asarray(theta0["input_norm.std"], np.float32)[:, None])
+
+
+def stem_shape(feature_config: FeatureConfig, model_config: ModelConfig) -> Tuple[int, int]:
+    """(Mel bins, frames) of the synthetic set as a stem-resolution pack stores it."""
+    a, b = model_config.stem_pool
+    return feature_config.n_mels // a, feature_config.num_frames // b
 
 
 def to_stem(X: np.ndarray, theta0: Mapping[str, np.ndarray], stem: Tuple[int, int]) -> np.ndarray:
@@ -266,10 +272,9 @@ def write_pack(path, *, X, y, classes, feature_config: FeatureConfig, model_conf
     if resolution not in ("input", "stem"):
         raise ValueError(f"resolution must be 'input' or 'stem', got {resolution!r}")
     if resolution == "stem":
-        a, b = model_config.stem_pool
-        stem_shape = (feature_config.n_mels // a, feature_config.num_frames // b)
-        if X.shape[1:] != stem_shape or golden_inputs.shape[1:] != stem_shape:
-            raise ValueError(f"resolution='stem' takes X and golden inputs at the stem's resolution {stem_shape} "
+        want = stem_shape(feature_config, model_config)
+        if X.shape[1:] != want or golden_inputs.shape[1:] != want:
+            raise ValueError(f"resolution='stem' takes X and golden inputs at the stem's resolution {want} "
                              f"(edge_ser.pack.to_stem), got {X.shape[1:]} / {golden_inputs.shape[1:]}")
     y = np.asarray(y)
     y = np.ascontiguousarray(y, dtype=np.int64 if y.ndim == 1 else np.float32)
@@ -559,7 +564,7 @@ def _build(c: _Container, where: str, signed: bool, kid: Optional[str]) -> Pack:
     X, y = a["data/X.npy"], a["data/y.npy"]
     gi, gl = a["golden/inputs.npy"], a["golden/logits.npy"]
     C, shape = len(classes), (fc.n_mels, fc.num_frames)
-    stored = shape if resolution == "input" else (fc.n_mels // mc.stem_pool[0], fc.num_frames // mc.stem_pool[1])
+    stored = shape if resolution == "input" else stem_shape(fc, mc)
     problems = []
     if C < 2 or mc.num_classes != C:
         problems.append(f"{C} classes but the model has {mc.num_classes} outputs")
