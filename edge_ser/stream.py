@@ -351,6 +351,39 @@ class _Engine:
 
 # ---------------------------------------------------------------- sources
 
+#: seconds a PortAudio control call (open/start, abort/close, re-enumerate) may take before the device is
+#: declared wedged; ALSA error paths in PortAudio can block forever when a device vanishes mid-stream
+#: (PortAudio issues #535 and #1037), and a listener must then fail with a clear line, not hang
+PORTAUDIO_CALL_TIMEOUT = 10.0
+
+
+class DeviceWedged(RuntimeError):
+    """PortAudio did not return from a control call: this process cannot use audio input any more."""
+
+
+def _bounded(fn, what: str, timeout: float = None):
+    """Run ``fn()`` in a helper thread and return its value; raise :class:`DeviceWedged` when it has not
+    returned after ``timeout`` seconds (the thread is abandoned, it is a daemon)."""
+    timeout = PORTAUDIO_CALL_TIMEOUT if timeout is None else timeout
+    box: Dict[str, object] = {}
+    done = threading.Event()
+
+    def run():
+        try:
+            box["value"] = fn()
+        except BaseException as exc:  # handed to the caller
+            box["error"] = exc
+        finally:
+            done.set()
+
+    threading.Thread(target=run, name=f"edge-ser-portaudio-{what}", daemon=True).start()
+    if not done.wait(timeout):
+        raise DeviceWedged(f"PortAudio did not return from {what} within {timeout:.0f} s")
+    if "error" in box:
+        raise box["error"]
+    return box.get("value")
+
+
 def _sounddevice():
     try:
         import sounddevice as sd
@@ -425,6 +458,7 @@ class MicSource:
 
     def __init__(self, device=None, samplerate: Optional[int] = None, block_seconds: float = 0.064):
         self.sd = _sounddevice()
+        self.wedged: Optional[str] = None    # why PortAudio is unusable in this process (a call hung)
         self.info = resolve_device(device)
         self.name = self.info["name"]
         self.requested_rate = samplerate
@@ -441,8 +475,11 @@ class MicSource:
         errors = []
         for r in rates:
             try:
-                self.sd.check_input_settings(device=self.info["index"], channels=1, dtype="int16", samplerate=r)
+                self._call(lambda: self.sd.check_input_settings(device=self.info["index"], channels=1,
+                                                                dtype="int16", samplerate=r), "checking a sample rate")
                 return int(r)
+            except DeviceWedged:
+                raise
             except Exception as exc:
                 errors.append(f"{r} Hz: {exc}")
         raise RuntimeError(f"input device {self.name!r} accepts none of the sample rates tried ({'; '.join(errors)})")
@@ -463,30 +500,57 @@ class MicSource:
     def start(self, ring: RingBuffer) -> None:
         """(Re)open the device by name/index; raises the PortAudio error when it is gone."""
         self.ring, self.error = ring, None
-        self.stream = self.sd.InputStream(device=self.info["index"], channels=1, dtype="int16",
-                                          samplerate=self.rate, callback=self._callback,
-                                          blocksize=max(64, int(self.rate * self.block_seconds)),
-                                          finished_callback=self._finished)
-        self.stream.start()
+
+        def open_and_start():
+            stream = self.sd.InputStream(device=self.info["index"], channels=1, dtype="int16",
+                                         samplerate=self.rate, callback=self._callback,
+                                         blocksize=max(64, int(self.rate * self.block_seconds)),
+                                         finished_callback=self._finished)
+            self.stream = stream
+            stream.start()
+
+        self._call(open_and_start, "opening the input stream")
 
     def reopen_info(self) -> None:
         """Look the device up again (indices change when devices come and go)."""
-        self.sd._terminate()
-        self.sd._initialize()
-        self.info = resolve_device(self.name)
+        def reenumerate():
+            self.sd._terminate()
+            self.sd._initialize()
+            return resolve_device(self.name)
+
+        self.info = self._call(reenumerate, "re-reading the device list")
         self.rate = self._pick_rate()
+
+    def _call(self, fn, what: str):
+        """A PortAudio control call with a deadline; after one has hung, refuse all further ones."""
+        if self.wedged:
+            raise DeviceWedged(self.wedged)
+        try:
+            return _bounded(fn, what)
+        except DeviceWedged as exc:
+            self.wedged = (f"{exc} (input device {self.name!r}); audio input in this process is stuck: "
+                           "restart edge-ser listen (the device service unit restarts it)")
+            self.stream = None
+            try:   # sounddevice's exit handler would call Pa_Terminate on the stuck stream and hang the exit
+                import atexit
+                atexit.unregister(self.sd._exit_handler)
+            except Exception:
+                pass
+            raise DeviceWedged(self.wedged) from None
 
     def alive(self) -> bool:
         return self.stream is not None and self.stream.active and self.error is None
 
     def stop(self) -> None:
-        if self.stream is not None:
+        stream, self.stream = self.stream, None
+        if stream is not None and not self.wedged:
+            def abort_and_close():
+                stream.abort(ignore_errors=True)
+                stream.close(ignore_errors=True)
             try:
-                self.stream.abort(ignore_errors=True)
-                self.stream.close(ignore_errors=True)
+                self._call(abort_and_close, "stopping the input stream")
             except Exception:
                 pass
-            self.stream = None
 
 
 class FileSource:
@@ -599,6 +663,8 @@ class Stream:
                 self.stats["reconnects"] += 1
                 engine.reset(self.source.rate, time.monotonic() - t_start)
                 return ring
+            except DeviceWedged as exc:      # retrying cannot help: PortAudio itself is stuck
+                raise RuntimeError(f"input device {self.source.name!r} lost ({why}); {exc}") from None
             except Exception as exc:
                 last = " ".join(str(exc).split())[:160]
                 self.source.stop()

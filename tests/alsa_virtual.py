@@ -43,11 +43,17 @@ def missing() -> Optional[str]:
 
 
 def reinit_portaudio() -> None:
-    """Make PortAudio (and ALSA under it) re-read the device list after the config changed."""
+    """Make PortAudio (and ALSA under it) re-read the device list after the config changed (with the
+    product's deadline on PortAudio calls: a stuck PortAudio is an error here, not a hung test run)."""
     import sounddevice as sd
 
-    sd._terminate()
-    sd._initialize()
+    from edge_ser.stream import _bounded
+
+    def reinit():
+        sd._terminate()
+        sd._initialize()
+
+    _bounded(reinit, "re-reading the device list")
 
 
 class VirtualCapture:
