@@ -23,14 +23,15 @@ MODEL_FORMAT = "edge-ser-model/1"
 
 
 def train_local(pack, output, memory_budget_mb: Optional[float] = None, threads: Optional[int] = None,
-                public_key=None, export: bool = True, progress: bool = True) -> Dict[str, Any]:
-    """Load and verify ``pack`` (a path), then :func:`train_from_pack` into the folder ``output``."""
+                public_key=None, export: bool = True, progress: bool = True, lean: bool = False) -> Dict[str, Any]:
+    """Load and verify ``pack`` (a path), then :func:`train_from_pack` into the folder ``output``.
+    ``lean=True`` trades time for memory even without a budget (see :mod:`edge_ser.memory`)."""
     from .pack import load_pack
 
     t0 = time.perf_counter()
     p = load_pack(pack, public_key=public_key)
     return train_from_pack(p, output, memory_budget_mb=memory_budget_mb, threads=threads, export=export,
-                           progress=progress, _t0=t0)
+                           progress=progress, lean=lean, _t0=t0)
 
 
 def _check_pack(p) -> None:
@@ -139,7 +140,7 @@ def recover_folder(out: Path) -> None:
 
 def train_from_pack(p, output, memory_budget_mb: Optional[float] = None, threads: Optional[int] = None,
                     export: bool = True, progress: bool = False, tflite: bool = True,
-                    require_golden: bool = True, _t0: Optional[float] = None) -> Dict[str, Any]:
+                    require_golden: bool = True, lean: bool = False, _t0: Optional[float] = None) -> Dict[str, Any]:
     """Train a loaded pack (any object with the :class:`edge_ser.pack.Pack` attributes) into ``output``.
 
     Raises ``ValueError`` (bad pack, θ0 hash mismatch), :class:`memory.MemoryBudgetError` (budget cannot be
@@ -163,7 +164,7 @@ def train_from_pack(p, output, memory_budget_mb: Optional[float] = None, threads
     from .schedule import train_schedule
 
     plan = memory.plan_training(p.model_config, len(p.X), p.schedule.batch_size, threads, memory_budget_mb,
-                                export=export)
+                                export=export, lean=lean)
     torch.set_num_threads(plan.threads)
     try:
         model = load_state_arrays(build_model(p.model_config), p.theta0)
@@ -171,7 +172,14 @@ def train_from_pack(p, output, memory_budget_mb: Optional[float] = None, threads
         raise ValueError(f"pack {p.pack_id}: initialisation does not fit the model config "
                          f"({' '.join(str(exc).split())[:160]})") from None
     t_train = time.perf_counter()
-    if plan.exact:
+    heap = "default"
+    if plan.lean:
+        heap = "lean" if memory.use_lean_heap() else "default"
+        if heap == "lean" and "hugetlb=1" in os.environ.get("GLIBC_TUNABLES", ""):
+            heap = "lean+huge-pages"
+        history = train_schedule(model, p.X, p.y, p.schedule, progress=progress,
+                                 chunk_floats=int(memory.LEAN_CHUNK_MB * (1 << 20) / 4))
+    elif plan.exact:
         history = train_schedule(model, p.X, p.y, p.schedule, progress=progress)
     else:
         history = _train_micro(model, p.X, p.y, p.schedule, plan.micro_batch, progress)
@@ -256,7 +264,8 @@ def train_from_pack(p, output, memory_budget_mb: Optional[float] = None, threads
         "golden": golden, "wall_seconds": round(time.perf_counter() - t_start, 3),
         "train_seconds": round(train_seconds, 3), "export_seconds": round(export_seconds, 3),
         "peak_rss_mb": round(peak, 1), "memory_budget_mb": memory_budget_mb, "threads": plan.threads,
-        "micro_batch": plan.micro_batch, "batch": plan.batch, "exact_schedule": plan.exact,
+        "micro_batch": plan.micro_batch, "batch": plan.batch, "exact_schedule": plan.exact, "lean": plan.lean,
+        "heap": heap,
         "estimate_mb": round(plan.estimate_mb, 1),
         "files": {k: (v.get("file") if isinstance(v, dict) else v) for k, v in files.items()},
         "sizes": {k: v.get("bytes") for k, v in files.items() if isinstance(v, dict) and v.get("bytes")},

@@ -1,8 +1,11 @@
 """Peak-RSS measurement and memory-budget planning for on-device training (train-local).
 
 The estimate is a calibrated linear model: RSS now (torch + pack loaded) + a fixed autograd/oneDNN cost
-+ bytes per training sample from the model's activation size; the planner picks the micro-batch and the
-thread count that fit, or refuses before training starts.
++ bytes per training sample from the model's activation size. Under a budget the planner takes the first
+that fits: (1) the pack's schedule as is; (2) the same schedule, lean: ``ConvNet.forward_chunked`` (channel
+groups recomputed in backward, bit-identical results) on a heap that returns big blocks at once, slower;
+(3) micro-batches with accumulated gradients (BatchNorm statistics per micro-batch: not exact); or it
+refuses before training starts, with the numbers.
 
 >>> plan = plan_training(ModelConfig(num_classes=8), n=80, batch=80, threads=1, budget_mb=600)  # doctest: +SKIP
 >>> plan.micro_batch, round(plan.estimate_mb)                                                   # doctest: +SKIP
@@ -32,6 +35,18 @@ EXPORT_MB = 210.0
 TFLITE_EXPORT_MB = 800.0
 #: safety margin applied to the whole estimate
 MARGIN = 1.05
+#: lean training (``ConvNet.forward_chunked``: channel groups under activation checkpointing, the lean heap):
+#: largest full-resolution activation group, MB, and the fixed cost above the baseline, MB. Calibrated on
+#: this machine with the RAVDESS IPC 10 pack (80 samples, 1 thread, default model): peak 387-390 MB over a
+#: 250 MB baseline, ~88 MB of it staying after the first step (code pages, oneDNN, allocator); smaller
+#: groups cost time (3 MB: 82 s instead of 65 s) and no memory; 12 MB: 409 MB, 57 s
+LEAN_CHUNK_MB = 6.0
+LEAN_FIXED_MB = 95.0
+#: allocations from this size up get their own mmap (returned to the kernel when freed) under the lean heap
+LEAN_MMAP_THRESHOLD = 1 << 20
+#: environment that makes glibc back those mmaps with transparent huge pages (read at process start: the
+#: CLI restarts itself once with it under --memory-budget-mb; ~2x faster lean training, same numbers)
+LEAN_HEAP_ENV = {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}
 
 
 class MemoryBudgetError(RuntimeError):
@@ -87,6 +102,47 @@ def activation_floats(model_config: ModelConfig) -> int:
     return total[0] + model_config.n_mels * model_config.num_frames
 
 
+def pooled_floats(model_config: ModelConfig) -> int:
+    """Floats of the pooled block outputs of one sample: what lean training keeps between blocks."""
+    import torch
+
+    from .models import build_model
+
+    model = build_model(model_config).eval()
+    total = [0]
+
+    def hook(_module, _inp, out):
+        total[0] += out.numel()
+
+    handles = [m.register_forward_hook(hook) for m in model.modules()
+               if isinstance(m, (torch.nn.AvgPool2d, torch.nn.MaxPool2d))]
+    with torch.no_grad():
+        model(torch.zeros(1, model_config.n_mels, model_config.num_frames))
+    for h in handles:
+        h.remove()
+    return total[0]
+
+
+def lean_estimate_mb(baseline_mb: float, model_config: ModelConfig, batch: int, threads: int) -> float:
+    """Estimated peak RSS of lean training (full batches, exact schedule)."""
+    pooled = 2 * pooled_floats(model_config) * 4 * batch / (1024.0 * 1024.0)     # outputs + their gradients
+    return MARGIN * (baseline_mb + LEAN_FIXED_MB + pooled + 4 * LEAN_CHUNK_MB + PER_THREAD_MB * max(0, threads - 1))
+
+
+def use_lean_heap() -> bool:
+    """Make glibc give every allocation of 1 MiB or more its own mmap, returned when freed, so the peak
+    RSS of training follows what is live instead of the heap's high-water mark (each step's tensors are
+    then fresh pages: slower, unless :data:`LEAN_HEAP_ENV` was set at process start). False where it
+    cannot be set (not glibc)."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None)
+        return bool(libc.mallopt(-3, LEAN_MMAP_THRESHOLD))       # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        return False
+
+
 @dataclass(frozen=True)
 class MemoryPlan(_JsonMixin):
     budget_mb: Optional[float]
@@ -98,6 +154,7 @@ class MemoryPlan(_JsonMixin):
     train_estimate_mb: float
     export_estimate_mb: float
     exact: bool                 # micro_batch == batch: BatchNorm sees the schedule's batches exactly
+    lean: bool = False          # full batches through ConvNet.forward_chunked on the lean heap (exact too)
 
     @property
     def estimate_mb(self) -> float:
@@ -109,22 +166,24 @@ def estimate_mb(baseline_mb: float, per_sample_mb: float, micro_batch: int, thre
 
 
 def plan_training(model_config: ModelConfig, n: int, batch: int, threads: Optional[int], budget_mb: Optional[float],
-                  baseline_mb: Optional[float] = None, export: bool = True) -> MemoryPlan:
-    """Choose micro-batch and threads so the estimated peak RSS fits ``budget_mb`` (None: no limit:
-    the full schedule batch, ``threads`` as given). Raises :class:`MemoryBudgetError` with the numbers
-    when even one sample per step with one thread does not fit."""
+                  baseline_mb: Optional[float] = None, export: bool = True, lean: bool = False) -> MemoryPlan:
+    """Choose how to train so the estimated peak RSS fits ``budget_mb`` (None: no limit: the full schedule
+    batch, ``threads`` as given; ``lean=True``: lean training even when the plain one would fit). Raises
+    :class:`MemoryBudgetError` with the numbers when even one sample per step with one thread does not fit."""
     batch = n if batch in (0, None) or batch >= n else int(batch)
     threads = int(threads) if threads else (os.cpu_count() or 1)
     baseline = current_rss_mb() if baseline_mb is None else float(baseline_mb)
     per_sample = ACTIVATION_FACTOR * activation_floats(model_config) * 4 / (1024.0 * 1024.0)
     export_est = MARGIN * (baseline + EXPORT_MB) if export else 0.0
 
-    def make(mb, th):
+    def make(mb, th, lean=False):
+        est = lean_estimate_mb(baseline, model_config, batch, th) if lean else estimate_mb(baseline, per_sample, mb, th)
         return MemoryPlan(budget_mb, round(baseline, 1), round(per_sample, 2), mb, batch, th,
-                          round(estimate_mb(baseline, per_sample, mb, th), 1), round(export_est, 1), mb >= batch)
+                          round(est, 1), round(export_est, 1), mb >= batch, lean)
 
+    can_lean = model_config.arch == "convnet" and model_config.norm in ("batch", "none")
     if budget_mb is None:
-        return make(batch, threads)
+        return make(batch, threads, lean=lean and can_lean)
     budget = float(budget_mb)
     if baseline * MARGIN >= budget:
         raise MemoryBudgetError(
@@ -135,7 +194,15 @@ def plan_training(model_config: ModelConfig, n: int, batch: int, threads: Option
             f"memory budget {budget:.0f} MB cannot fit the export step (~{export_est:.0f} MB: "
             f"{baseline:.0f} MB baseline + ~{EXPORT_MB:.0f} MB for onnxruntime quantisation); "
             f"raise the budget or use --no-export")
-    for th in sorted({threads, 1}, reverse=True):
+    candidates = sorted({threads, 1}, reverse=True)
+    for th in candidates:        # 1. the schedule as is
+        if estimate_mb(baseline, per_sample, batch, th) <= budget and not (lean and can_lean):
+            return make(batch, th)
+    if can_lean:
+        for th in candidates:    # 2. the same numbers, lean: channel groups, recomputed in backward
+            if lean_estimate_mb(baseline, model_config, batch, th) <= budget:
+                return make(batch, th, lean=True)
+    for th in candidates:        # 3. micro-batches: BatchNorm statistics per micro-batch (not exact)
         room = budget / MARGIN - baseline - FIXED_TRAIN_MB - PER_THREAD_MB * max(0, th - 1)
         mb = min(batch, int(room // per_sample)) if room > 0 else 0
         if mb >= 1 and (th == 1 or mb >= min(batch, 8)):  # drop threads before going below 8 samples

@@ -44,11 +44,12 @@ class Schedule(_JsonMixin):
 
 
 def train_schedule(model, X: np.ndarray, y: np.ndarray, schedule: Schedule, progress: bool = False,
-                   on_step=None) -> List[Dict]:
+                   on_step=None, chunk_floats: Optional[int] = None) -> List[Dict]:
     """Train ``model`` (in place, from whatever weights it holds: θ0 on a device) on the synthetic set.
 
     ``y`` is int labels (N,) or soft labels (N, C). Deterministic for a given torch build and thread
-    count. Returns one record per epoch (loss, seconds).
+    count. Returns one record per epoch (loss, seconds). ``chunk_floats``: train through the model's
+    ``forward_chunked`` (the same numbers in a fraction of the activation memory, for a tight budget).
     """
     import torch
 
@@ -70,6 +71,9 @@ def train_schedule(model, X: np.ndarray, y: np.ndarray, schedule: Schedule, prog
         from tqdm.auto import tqdm
 
         bar = tqdm(total=schedule.epochs, desc="train-local", unit="epoch", leave=False)
+    lean = bool(chunk_floats) and hasattr(model, "forward_chunked")
+    bn_stats = [b for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)
+                for b in (m.running_mean, m.running_var)] if lean else []
     model.train()
     for epoch in range(schedule.epochs):
         t0, total = time.perf_counter(), 0.0
@@ -79,9 +83,17 @@ def train_schedule(model, X: np.ndarray, y: np.ndarray, schedule: Schedule, prog
             xb = Xt[idx]
             if schedule.augment:
                 xb = spec_augment(xb, model.input_norm.mean, gen)
-            loss = loss_fn(model(xb), yt[idx])
+            if lean:
+                loss = loss_fn(model.forward_chunked(xb, chunk_floats), yt[idx])
+                running = [b.detach().clone() for b in bn_stats]   # backward's recomputation updates them again
+            else:
+                loss = loss_fn(model(xb), yt[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            if lean:
+                with torch.no_grad():
+                    for b, r in zip(bn_stats, running):
+                        b.copy_(r)
             opt.step()
             total += float(loss.detach()) * len(idx)
             if on_step:

@@ -523,6 +523,30 @@ def test_memory_budget_too_small_cli_refuses_and_keeps_model(tmp_path, home):
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".model.")]
 
 
+def test_lean_cli_restarts_itself_with_huge_pages_and_trains_the_same(tmp_path, home):
+    """``train-local --lean`` execs itself once with glibc's huge-page tunable (read only at process start),
+    trains in channel groups on the lean heap, and passes the pack's golden check."""
+    import platform
+
+    if not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc":
+        pytest.skip("the restart with GLIBC_TUNABLES is for Linux/glibc only")
+    from _packlike import make_pack as trained_pack
+    from edge_ser.pack import write_pack
+
+    p = trained_pack()
+    pack = write_pack(tmp_path / "real.pack", X=p.X, y=p.y, classes=p.classes, feature_config=p.feature_config,
+                      model_config=p.model_config, schedule=p.schedule, theta0=p.theta0,
+                      golden_inputs=p.golden_inputs, golden_logits=p.golden_logits,
+                      golden_tolerance=p.golden_tolerance, provenance=p.provenance,
+                      private_key=home["private_key"])["path"]
+    proc = cli("train-local", pack, "-o", tmp_path / "model", "--lean", "--no-export", "--threads", "1",
+               "--public-key", home["public_key"], "--json", timeout=180)
+    assert proc.returncode == 0, proc.stderr
+    r = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert r["ok"] and r["lean"] and r["exact_schedule"] and r["heap"] == "lean+huge-pages"
+    assert r["golden"]["passed"]
+
+
 # ================================================================ MQTT
 
 def _agent_args(b, store, public_key, url=None, **over):

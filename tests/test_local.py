@@ -67,15 +67,22 @@ def test_budget_too_small_is_a_clear_refusal(pack, tmp_path):
     assert not (tmp_path / "m").exists()
 
 
-def test_budget_planner_picks_micro_batches_and_threads():
+def test_budget_planner_picks_plain_then_lean_then_micro_batches():
     from edge_ser.config import ModelConfig
 
     cfg = ModelConfig(num_classes=8)
     free = memory.plan_training(cfg, 80, 0, 2, None, baseline_mb=300)
-    assert free.micro_batch == 80 and free.exact and free.threads == 2
-    budget = memory.estimate_mb(300, free.per_sample_mb, 40, 2) + 1   # room for about half the batch
-    tight = memory.plan_training(cfg, 80, 0, 2, budget, baseline_mb=300, export=False)
-    assert 1 <= tight.micro_batch < 80 and not tight.exact and tight.estimate_mb <= budget
+    assert free.micro_batch == 80 and free.exact and free.threads == 2 and not free.lean
+    lean_need = memory.lean_estimate_mb(300, cfg, 80, 2)
+    assert lean_need < free.train_estimate_mb                          # what lean training is for
+    lean = memory.plan_training(cfg, 80, 0, 2, lean_need + 1, baseline_mb=300, export=False)
+    assert lean.lean and lean.exact and lean.micro_batch == 80 and lean.estimate_mb <= lean_need + 1
+    assert memory.plan_training(cfg, 80, 0, 2, None, baseline_mb=300, lean=True).lean   # asked for
+    inorm = ModelConfig(num_classes=8, norm="instance")                # no lean path: micro-batches
+    per = memory.plan_training(inorm, 80, 0, 2, None, baseline_mb=300).per_sample_mb
+    budget = memory.estimate_mb(300, per, 40, 2) + 1                   # room for about half the batch
+    tight = memory.plan_training(inorm, 80, 0, 2, budget, baseline_mb=300, export=False)
+    assert 1 <= tight.micro_batch < 80 and not tight.exact and not tight.lean and tight.estimate_mb <= budget
     with pytest.raises(memory.MemoryBudgetError, match="export step"):
         memory.plan_training(cfg, 80, 0, 2, memory.MARGIN * (300 + memory.EXPORT_MB) - 1, baseline_mb=300)
     with pytest.raises(memory.MemoryBudgetError, match="too small to train|baseline"):
@@ -90,6 +97,74 @@ def test_tight_budget_trains_with_micro_batches(pack, tmp_path):
     r = train_from_pack(pack, tmp_path / "m", memory_budget_mb=budget, threads=1, export=False)
     assert r["micro_batch"] < len(pack.X) or r["exact_schedule"]
     assert r["golden"]["max_abs_deviation"] < 10  # trained, informative golden check
+
+
+def test_forward_chunked_is_forward_with_less_memory():
+    """Every block split into channel groups (recomputed in backward): same logits, same gradients, same
+    BatchNorm running statistics after the forward, to float precision."""
+    import copy
+
+    import torch
+
+    from _packlike import MODEL, class_data
+    from edge_ser.models import build_model, input_stats, set_input_stats
+
+    X, _ = class_data(3, seed=1)
+    a = build_model(MODEL, seed=2)
+    set_input_stats(a, *input_stats(X))
+    b = copy.deepcopy(a)
+    a.train(), b.train()
+    x = torch.as_tensor(X)
+    w = torch.randn(len(X), MODEL.num_classes, generator=torch.Generator().manual_seed(0))
+    out_a = a(x)
+    smallest = len(X) * (MODEL.n_mels // 2 // 2) * (MODEL.num_frames // 2 // 2)   # a few channels per group
+    out_b = b.forward_chunked(x, max_chunk_floats=smallest)
+    torch.testing.assert_close(out_b, out_a, rtol=1e-5, atol=1e-5)
+    for (name, ra), rb in zip(a.named_buffers(), b.buffers()):
+        torch.testing.assert_close(rb, ra, rtol=1e-6, atol=1e-6, msg=name)
+    after_forward = [t.clone() for t in b.buffers()]
+    (out_a * w).sum().backward()
+    (out_b * w).sum().backward()          # recomputes the groups: running statistics updated again ...
+    for (name, pa), pb in zip(a.named_parameters(), b.parameters()):
+        torch.testing.assert_close(pb.grad, pa.grad, rtol=1e-4, atol=1e-6, msg=name)
+    with torch.no_grad():
+        for t, saved in zip(b.buffers(), after_forward):
+            t.copy_(saved)                    # ... which is why train_schedule restores them
+
+        torch.testing.assert_close(b.eval().forward_chunked(x, smallest), a.eval()(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(__import__("platform").machine() not in ("x86_64", "AMD64"),
+                    reason="bit-identity of grouped convolutions is established for oneDNN on x86-64 only")
+def test_lean_training_is_bit_identical_for_the_default_model():
+    """The default model with the group size 80 samples would get (the first two blocks split): a few
+    schedule steps give exactly the same weights and running statistics (oneDNN, x86-64)."""
+    import torch
+
+    from edge_ser.config import FeatureConfig, default_model_config
+    from edge_ser.models import build_model, state_arrays
+    from edge_ser.schedule import Schedule, train_schedule
+
+    torch.set_num_threads(1)
+    cfg = default_model_config(8, FeatureConfig())
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((24, cfg.n_mels, cfg.num_frames)).astype(np.float32)
+    y = np.arange(24) % 8
+    sched = Schedule(lr=0.05, epochs=3)
+    chunk = int(memory.LEAN_CHUNK_MB * (1 << 20) / 4) * 24 // 80    # the group size 80 samples would get
+    plain, lean = build_model(cfg, seed=1), build_model(cfg, seed=1)
+    train_schedule(plain, X, y, sched)
+    train_schedule(lean, X, y, sched, chunk_floats=chunk)
+    first, second = state_arrays(plain), state_arrays(lean)
+    assert first.keys() == second.keys()
+    for k in first:
+        assert np.array_equal(first[k], second[k]), k
+
+
+def test_lean_train_local_passes_the_golden_check(pack, tmp_path):
+    r = train_from_pack(pack, tmp_path / "m", threads=1, export=False, lean=True)
+    assert r["lean"] and r["exact_schedule"] and r["heap"].startswith("lean")
+    assert r["golden"]["passed"] and r["golden"]["max_abs_deviation"] <= pack.golden_tolerance
 
 
 def test_failure_mid_export_keeps_previous_model(pack, tmp_path, monkeypatch):
