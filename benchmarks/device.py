@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import statistics
 import sys
@@ -24,6 +25,8 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Dict, List, Optional
+
+from edge_ser.memory import LEAN_HEAP_ENV
 
 from ._common import print_machine_info, run_in_child, write_json
 from .pack import HERE, default_corpus, make_keys, pack_job, test_speakers_for
@@ -35,13 +38,13 @@ def _cpu_seconds() -> float:
 
 
 def train_job(pack: str, output: str, budget_mb: Optional[float], threads: int, public_key: Optional[str],
-              export: bool) -> Dict:
+              export: bool, lean: bool = False) -> Dict:
     """Child-process body: train_local's result plus CPU seconds and, with export, per-format export info."""
     from edge_ser.local import train_local
 
     cpu0 = _cpu_seconds()
     result = train_local(pack, output, memory_budget_mb=budget_mb, threads=threads, public_key=public_key,
-                         export=export, progress=False)
+                         export=export, progress=False, lean=lean)
     result["cpu_seconds"] = round(_cpu_seconds() - cpu0, 3)
     result["process_cpu_seconds"] = round(_cpu_seconds(), 3)  # imports included
     if export:
@@ -66,8 +69,12 @@ def refusal_job(pack: str, output: str, budget_mb: float, public_key: Optional[s
     return {"refused": False, "error": None, "message": "train_local did not refuse", "result": result}
 
 
-def parse_budget(text: str) -> Optional[float]:
-    return None if text.strip().lower() in ("none", "0", "") else float(text)
+def parse_budget(text: str):
+    """A budget in MB; None for 'none'; 'lean' = no budget, lean training (what ``train-local --lean`` does)."""
+    text = text.strip().lower()
+    if text == "lean":
+        return "lean"
+    return None if text in ("none", "0", "") else float(text)
 
 
 def median(values: List) -> Optional[float]:
@@ -88,7 +95,8 @@ def summarise(runs: List[Dict]) -> Dict:
            "train_local_peak_rss_mb": median([x["peak_rss_mb"] for x in res]),
            "estimate_mb": res[-1]["estimate_mb"], "threads_used": res[-1]["threads"],
            "micro_batch": res[-1]["micro_batch"], "batch": res[-1]["batch"],
-           "exact_schedule": res[-1]["exact_schedule"],
+           "exact_schedule": res[-1]["exact_schedule"], "lean": res[-1].get("lean", False),
+           "heap": res[-1].get("heap"),
            "golden_passed": all(x["golden"]["passed"] for x in res),
            "golden_max_abs_deviation": max(x["golden"].get("max_abs_deviation", float("nan")) for x in res),
            "sizes": res[-1]["sizes"], "int8_agreement": res[-1]["int8_agreement"],
@@ -168,10 +176,14 @@ def main(argv=None) -> int:
         for budget in budgets:
             for t in threads:
                 setting = []
+                lean = budget == "lean"
+                saved_env = {k: os.environ.get(k) for k in LEAN_HEAP_ENV}
+                if lean:    # as the CLI does: glibc reads its tunables at process start (the spawned child)
+                    os.environ.update(LEAN_HEAP_ENV)
                 for rep in range(repeats):
                     try:
-                        res, rss, secs = run_in_child(train_job, pack_path, str(tmp / "model"), budget, t,
-                                                      public_key, export)
+                        res, rss, secs = run_in_child(train_job, pack_path, str(tmp / "model"),
+                                                      None if lean else budget, t, public_key, export, lean)
                     except RuntimeError as exc:     # a budget the planner refuses is a result, not a crash
                         if "MemoryBudgetError" not in str(exc):
                             raise
@@ -183,8 +195,15 @@ def main(argv=None) -> int:
                     setting.append({"budget_mb": budget, "threads": t, "repeat": rep, "child_seconds": round(secs, 3),
                                     "peak_rss_mb": round(rss, 1), "result": res})
                     golden = golden_word(res["golden"]["passed"], res["exact_schedule"])
+                    if res.get("lean"):
+                        golden += f" (lean, {res.get('heap')} heap)"
                     print(f"budget {budget or 'none'} MB, {t} thread(s), run {rep + 1}/{repeats}: {secs:.1f} s, "
                           f"peak RSS {rss:.0f} MB, golden {golden}", flush=True)
+                for k, v in saved_env.items():
+                    if v is None:
+                        os.environ.pop(k, None)
+                    else:
+                        os.environ[k] = v
                 if setting:
                     runs += setting
                     summary.append(summarise(setting))

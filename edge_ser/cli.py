@@ -224,7 +224,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--threads", type=int, default=None)
 
     sp = add("train-local", "train the compact model from a pack on this device and export it", cmd_train_local,
-             epilog="example:\n  edge-ser train-local demo.pack -o model/ --memory-budget-mb 400 --threads 1")
+             epilog="examples:\n  edge-ser train-local demo.pack -o model/ --threads 1\n"
+                    "  edge-ser train-local demo.pack -o model/ --memory-budget-mb 450 --no-export   # plans, or refuses\n"
+                    "  edge-ser train-local demo.pack -o model/ --lean     # least memory, same result, slower")
     sp.add_argument("pack")
     sp.add_argument("-o", "--output", required=True, help="model folder to write")
     sp.add_argument("--memory-budget-mb", type=float, default=None, help="peak RSS budget; refuse if it cannot fit")
