@@ -81,8 +81,9 @@ def current_rss_mb() -> float:
         return peak_rss_mb()
 
 
-def activation_floats(model_config: ModelConfig) -> int:
-    """Floats of every module output in one forward pass of one sample (the activations autograd keeps)."""
+def _output_floats(model_config: ModelConfig, pooled_only: bool = False) -> int:
+    """Floats of the module outputs of one forward pass of one sample: every leaf module's (the activations
+    autograd keeps), or only the pooling layers' (what lean training keeps between blocks)."""
     import torch
 
     from .models import build_model
@@ -94,33 +95,24 @@ def activation_floats(model_config: ModelConfig) -> int:
         if isinstance(out, torch.Tensor):
             total[0] += out.numel()
 
-    handles = [m.register_forward_hook(hook) for m in model.modules() if not list(m.children())]
-    with torch.no_grad():
-        model(torch.zeros(1, model_config.n_mels, model_config.num_frames))
-    for h in handles:
-        h.remove()
-    return total[0] + model_config.n_mels * model_config.num_frames
-
-
-def pooled_floats(model_config: ModelConfig) -> int:
-    """Floats of the pooled block outputs of one sample: what lean training keeps between blocks."""
-    import torch
-
-    from .models import build_model
-
-    model = build_model(model_config).eval()
-    total = [0]
-
-    def hook(_module, _inp, out):
-        total[0] += out.numel()
-
+    pools = (torch.nn.AvgPool2d, torch.nn.MaxPool2d)
     handles = [m.register_forward_hook(hook) for m in model.modules()
-               if isinstance(m, (torch.nn.AvgPool2d, torch.nn.MaxPool2d))]
+               if (isinstance(m, pools) if pooled_only else not list(m.children()))]
     with torch.no_grad():
         model(torch.zeros(1, model_config.n_mels, model_config.num_frames))
     for h in handles:
         h.remove()
     return total[0]
+
+
+def activation_floats(model_config: ModelConfig) -> int:
+    """Floats of every module output in one forward pass of one sample (the activations autograd keeps)."""
+    return _output_floats(model_config) + model_config.n_mels * model_config.num_frames
+
+
+def pooled_floats(model_config: ModelConfig) -> int:
+    """Floats of the pooled block outputs of one sample: what lean training keeps between blocks."""
+    return _output_floats(model_config, pooled_only=True)
 
 
 def lean_estimate_mb(baseline_mb: float, model_config: ModelConfig, batch: int, threads: int) -> float:
@@ -132,8 +124,9 @@ def lean_estimate_mb(baseline_mb: float, model_config: ModelConfig, batch: int, 
 def use_lean_heap() -> bool:
     """Make glibc give every allocation of 1 MiB or more its own mmap, returned when freed, so the peak
     RSS of training follows what is live instead of the heap's high-water mark (each step's tensors are
-    then fresh pages: slower, unless :data:`LEAN_HEAP_ENV` was set at process start). False where it
-    cannot be set (not glibc)."""
+    then fresh pages: slower, unless :data:`LEAN_HEAP_ENV` was set at process start). It holds for the rest
+    of the process (an agent that trained lean keeps it; its inference allocations are small). False where
+    it cannot be set (not glibc)."""
     import ctypes
 
     try:
