@@ -361,7 +361,7 @@ class DeviceWedged(RuntimeError):
     """PortAudio did not return from a control call: this process cannot use audio input any more."""
 
 
-def _bounded(fn, what: str, timeout: float = None):
+def _bounded(fn, what: str, timeout: Optional[float] = None):
     """Run ``fn()`` in a helper thread and return its value; raise :class:`DeviceWedged` when it has not
     returned after ``timeout`` seconds (the thread is abandoned, it is a daemon)."""
     timeout = PORTAUDIO_CALL_TIMEOUT if timeout is None else timeout
