@@ -174,9 +174,7 @@ def train_from_pack(p, output, memory_budget_mb: Optional[float] = None, threads
     t_train = time.perf_counter()
     heap = "default"
     if plan.lean:
-        heap = "lean" if memory.use_lean_heap() else "default"
-        if heap == "lean" and "hugetlb=1" in os.environ.get("GLIBC_TUNABLES", ""):
-            heap = "lean+huge-pages"
+        heap = memory.use_lean_heap()
         history = train_schedule(model, p.X, p.y, p.schedule, progress=progress,
                                  chunk_floats=int(memory.LEAN_CHUNK_MB * (1 << 20) / 4))
     elif plan.exact:

@@ -13,6 +13,7 @@ refuses before training starts, with the numbers.
 """
 from __future__ import annotations
 
+import functools
 import os
 import resource
 from dataclasses import dataclass
@@ -81,6 +82,7 @@ def current_rss_mb() -> float:
         return peak_rss_mb()
 
 
+@functools.lru_cache(maxsize=32)
 def _output_floats(model_config: ModelConfig, pooled_only: bool = False) -> int:
     """Floats of the module outputs of one forward pass of one sample: every leaf module's (the activations
     autograd keeps), or only the pooling layers' (what lean training keeps between blocks)."""
@@ -121,19 +123,21 @@ def lean_estimate_mb(baseline_mb: float, model_config: ModelConfig, batch: int, 
     return MARGIN * (baseline_mb + LEAN_FIXED_MB + pooled + 4 * LEAN_CHUNK_MB + PER_THREAD_MB * max(0, threads - 1))
 
 
-def use_lean_heap() -> bool:
+def use_lean_heap() -> str:
     """Make glibc give every allocation of 1 MiB or more its own mmap, returned when freed, so the peak
     RSS of training follows what is live instead of the heap's high-water mark (each step's tensors are
     then fresh pages: slower, unless :data:`LEAN_HEAP_ENV` was set at process start). It holds for the rest
-    of the process (an agent that trained lean keeps it; its inference allocations are small). False where
-    it cannot be set (not glibc)."""
+    of the process (an agent that trained lean keeps it; its inference allocations are small). Returns the
+    heap now in use: "lean+huge-pages", "lean", or "default" where it cannot be set (not glibc)."""
     import ctypes
 
     try:
-        libc = ctypes.CDLL(None)
-        return bool(libc.mallopt(-3, LEAN_MMAP_THRESHOLD))       # M_MMAP_THRESHOLD
+        if not ctypes.CDLL(None).mallopt(-3, LEAN_MMAP_THRESHOLD):       # M_MMAP_THRESHOLD
+            return "default"
     except (OSError, AttributeError):
-        return False
+        return "default"
+    huge = all(value in os.environ.get(key, "").split(":") for key, value in LEAN_HEAP_ENV.items())
+    return "lean+huge-pages" if huge else "lean"
 
 
 @dataclass(frozen=True)
@@ -174,7 +178,9 @@ def plan_training(model_config: ModelConfig, n: int, batch: int, threads: Option
         return MemoryPlan(budget_mb, round(baseline, 1), round(per_sample, 2), mb, batch, th,
                           round(est, 1), round(export_est, 1), mb >= batch, lean)
 
-    can_lean = model_config.arch == "convnet" and model_config.norm in ("batch", "none")
+    from .models import trains_chunked
+
+    can_lean = trains_chunked(model_config)
     if budget_mb is None:
         return make(batch, threads, lean=lean and can_lean)
     budget = float(budget_mb)

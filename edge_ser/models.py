@@ -88,7 +88,7 @@ class ConvNet(nn.Module):
         recomputation updates BatchNorm's running statistics a second time: callers snapshot them after the
         forward and restore them after backward (``schedule.train_schedule`` does).
         """
-        if self.cfg.norm not in ("batch", "none"):
+        if not trains_chunked(self.cfg):
             return self(x)
         h = self.stem(self.input_norm(x).unsqueeze(1))
         mods = list(self.features)
@@ -109,6 +109,12 @@ class ConvNet(nn.Module):
             if self.training and isinstance(norm, nn.BatchNorm2d):
                 norm.num_batches_tracked += 1
         return self.classifier(self.dropout(h.mean(dim=3).flatten(1)))
+
+
+def trains_chunked(cfg: ModelConfig) -> bool:
+    """Whether ``forward_chunked`` splits this model into channel groups (a ConvNet with batch or no norm:
+    per-channel statistics) rather than falling back to ``forward``."""
+    return cfg.arch == "convnet" and cfg.norm in ("batch", "none")
 
 
 def _block_group(h, conv, norm, pool, c0: int, c1: int, training: bool):
