@@ -178,8 +178,8 @@ def main(argv=None) -> int:
                 setting = []
                 lean = budget == "lean"
                 saved_env = {k: os.environ.get(k) for k in LEAN_HEAP_ENV}
-                if lean:    # as the CLI does: glibc reads its tunables at process start (the spawned child)
-                    os.environ.update(LEAN_HEAP_ENV)
+                if lean or budget is not None:   # as the CLI does under --lean or --memory-budget-mb: glibc
+                    os.environ.update(LEAN_HEAP_ENV)  # reads its tunables at process start (the spawned child)
                 for rep in range(repeats):
                     try:
                         res, rss, secs = run_in_child(train_job, pack_path, str(tmp / "model"),

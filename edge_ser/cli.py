@@ -225,11 +225,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = add("train-local", "train the compact model from a pack on this device and export it", cmd_train_local,
              epilog="examples:\n  edge-ser train-local demo.pack -o model/ --threads 1\n"
-                    "  edge-ser train-local demo.pack -o model/ --memory-budget-mb 450 --no-export   # plans, or refuses\n"
-                    "  edge-ser train-local demo.pack -o model/ --lean     # least memory, same result, slower")
+                    "  edge-ser train-local demo.pack -o model/ --memory-budget-mb 400 --no-export   # plans, or refuses\n"
+                    "  edge-ser train-local demo.pack -o model/ --lean     # least memory, same result, slower\n\n"
+                    "Under --memory-budget-mb training runs on a heap that returns big blocks when freed (Linux, glibc),\n"
+                    "then takes the first plan that fits: the pack's schedule as is; the same schedule with activations\n"
+                    "recomputed in channel groups (--lean: same weights, slower); micro-batches (BatchNorm sees smaller\n"
+                    "batches: the golden check becomes informative); otherwise it refuses before training.")
     sp.add_argument("pack")
     sp.add_argument("-o", "--output", required=True, help="model folder to write")
-    sp.add_argument("--memory-budget-mb", type=float, default=None, help="peak RSS budget; refuse if it cannot fit")
+    sp.add_argument("--memory-budget-mb", type=float, default=None,
+                    help="peak RSS budget of the whole process, MB: plan to fit it, or refuse before training")
     sp.add_argument("--threads", type=int, default=None, help="CPU threads for training (default: all)")
     sp.add_argument("--public-key", help="Ed25519 public key the pack must be signed with")
     sp.add_argument("--no-export", action="store_true", help="train and check only; skip ONNX/TFLite export")

@@ -55,17 +55,14 @@ def _train_micro(model, X, y, schedule, micro: int, progress: bool):
     statistics come from micro-batches (reported as ``exact: false``)."""
     import torch
 
+    from .schedule import DeviceOptimizer
     from .train import loss_fn, spec_augment
 
     gen = torch.Generator().manual_seed(schedule.seed)
     Xt, yt = torch.as_tensor(np.asarray(X, np.float32)), torch.as_tensor(np.asarray(y))
     n = len(Xt)
     bs = n if schedule.batch_size in (0, None) or schedule.batch_size >= n else schedule.batch_size
-    if schedule.optimizer == "sgd":
-        opt = torch.optim.SGD(model.parameters(), lr=schedule.lr, momentum=schedule.momentum,
-                              weight_decay=schedule.weight_decay)
-    else:
-        opt = torch.optim.Adam(model.parameters(), lr=schedule.lr, weight_decay=schedule.weight_decay)
+    opt = DeviceOptimizer(model.parameters(), schedule)
     history = []
     model.train()
     for epoch in range(schedule.epochs):
@@ -172,9 +169,8 @@ def train_from_pack(p, output, memory_budget_mb: Optional[float] = None, threads
         raise ValueError(f"pack {p.pack_id}: initialisation does not fit the model config "
                          f"({' '.join(str(exc).split())[:160]})") from None
     t_train = time.perf_counter()
-    heap = "default"
+    heap = memory.use_lean_heap() if plan.lean_heap else "default"
     if plan.lean:
-        heap = memory.use_lean_heap()
         history = train_schedule(model, p.X, p.y, p.schedule, progress=progress,
                                  chunk_floats=int(memory.LEAN_CHUNK_MB * (1 << 20) / 4))
     elif plan.exact:
@@ -217,7 +213,8 @@ def train_from_pack(p, output, memory_budget_mb: Optional[float] = None, threads
                     memory.current_rss_mb() + memory.TFLITE_EXPORT_MB > float(memory_budget_mb):
                 tflite = False
                 warnings_list.append(f"TFLite export skipped: its converter (TensorFlow) needs ~"
-                                     f"{memory.TFLITE_EXPORT_MB:.0f} MB more than the {memory_budget_mb:.0f} MB budget allows")
+                                     f"{memory.TFLITE_EXPORT_MB:.0f} MB more, beyond the {memory_budget_mb:.0f} MB "
+                                     "budget (the ONNX models are written; convert where TensorFlow fits)")
             files.update(export_all(model, tmp, meta, calib, tflite=tflite, warn=warnings_list.append))
         export_seconds = time.perf_counter() - t_export
         provenance = dict(getattr(p, "provenance", {}) or {})

@@ -1,11 +1,13 @@
 """Peak-RSS measurement and memory-budget planning for on-device training (train-local).
 
-The estimate is a calibrated linear model: RSS now (torch + pack loaded) + a fixed autograd/oneDNN cost
-+ bytes per training sample from the model's activation size. Under a budget the planner takes the first
-that fits: (1) the pack's schedule as is; (2) the same schedule, lean: ``ConvNet.forward_chunked`` (channel
-groups recomputed in backward, bit-identical results) on a heap that returns big blocks at once, slower;
+The estimate is a calibrated linear model: RSS now (torch + pack loaded) + a margin times (a fixed
+autograd/oneDNN cost + bytes per training sample from the model's activation size). Under a budget,
+training runs on the *lean heap* (glibc gives every block of 1 MiB or more its own mapping and returns it
+when freed, so the peak follows live memory instead of the heap's high-water mark) and the planner takes
+the first that fits: (1) the pack's schedule as is; (2) the same schedule, chunked:
+``ConvNet.forward_chunked`` (channel groups recomputed in backward, bit-identical results), slower;
 (3) micro-batches with accumulated gradients (BatchNorm statistics per micro-batch: not exact); or it
-refuses before training starts, with the numbers.
+refuses before training starts, with the numbers. Without a budget: the schedule as is, default heap.
 
 >>> plan = plan_training(ModelConfig(num_classes=8), n=80, batch=80, threads=1, budget_mb=600)  # doctest: +SKIP
 >>> plan.micro_batch, round(plan.estimate_mb)                                                   # doctest: +SKIP
@@ -21,28 +23,35 @@ from typing import Optional
 
 from .config import ModelConfig, _JsonMixin
 
-# Calibrated on this machine (x86-64, torch 2.13 CPU, glibc) by measuring ru_maxrss of train-local runs
-# with micro-batches 1..80 for the default ConvNet (see tests/test_local.py and results/device.md):
-#: fixed cost of the first backward pass (autograd graph, oneDNN scratch, allocator slack), MB
-FIXED_TRAIN_MB = 150.0  # 110 estimated from a bare loop; train-local at a 500 MB budget peaked 2 MB over -> 150
-#: training bytes per sample = this factor x the forward activations of one sample (fp32)
+# Calibrated on this machine (x86-64, torch 2.13 CPU, glibc) by measuring the peak RSS of train-local runs
+# for the default ConvNet (see tests/test_local.py and benchmarks/RESULTS.md section 4):
+#: default heap: fixed cost of training (autograd graph, oneDNN scratch, allocator slack), MB
+FIXED_TRAIN_MB = 150.0
+#: default heap: training bytes per sample = this factor x the forward activations of one sample (fp32);
+#: glibc's heap keeps its high-water mark, which grows over the first steps
 ACTIVATION_FACTOR = 1.8
+#: lean heap: the same two numbers. RAVDESS IPC 10 pack (80 samples, 1.87 MB of activations each), one
+#: thread: 50 / 87 / 137 MB above the baseline with 16 / 40 / 80 samples per step (train-local under a
+#: 400 MB budget: 377-383 MB, estimate 395 MB)
+HEAP_FIXED_MB = 30.0
+HEAP_ACTIVATION_FACTOR = 0.8
 #: extra MB per intra-op thread beyond the first
 PER_THREAD_MB = 8.0
-#: ONNX export + onnxruntime import + static int8 quantisation (bounded calibration), MB above the baseline
-#: (measured: ~205 MB over a 286 MB baseline with the stem ConvNet, benchmarks/device.py)
-EXPORT_MB = 210.0
+#: ONNX export + onnxruntime import + static int8 quantisation (calibration streamed, export.CALIB_STRIDE
+#: windows at a time), MB above the baseline, what training left behind included (measured with the RAVDESS
+#: IPC 10 pack on the lean heap: export alone peaks 112 MB over a 243 MB baseline; after training, ~30 MB more)
+EXPORT_MB = 140.0
 #: TFLite conversion (the TensorFlow converter is imported in-process), MB; skipped under a tighter budget
 TFLITE_EXPORT_MB = 800.0
 #: safety margin applied to the whole estimate
 MARGIN = 1.05
-#: lean training (``ConvNet.forward_chunked``: channel groups under activation checkpointing, the lean heap):
-#: largest full-resolution activation group, MB, and the fixed cost above the baseline, MB. Calibrated on
-#: this machine with the RAVDESS IPC 10 pack (80 samples, 1 thread, default model): peak 387-390 MB over a
-#: 250 MB baseline, ~88 MB of it staying after the first step (code pages, oneDNN, allocator); smaller
-#: groups cost time (3 MB: 82 s instead of 65 s) and no memory; 12 MB: 409 MB, 57 s
+#: chunked training (``ConvNet.forward_chunked``: channel groups under activation checkpointing, on the
+#: lean heap): largest full-resolution activation group, MB, and the fixed cost above the baseline, MB.
+#: Calibrated with the RAVDESS IPC 10 pack (80 samples, 1 thread, default model): 348-350 MB over a 237 MB
+#: baseline (benchmarks/results/device_lean.json); smaller groups cost time and no memory, 12 MB groups
+#: ~20 MB more and ~25 % less time
 LEAN_CHUNK_MB = 6.0
-LEAN_FIXED_MB = 95.0
+LEAN_FIXED_MB = 62.0
 #: allocations from this size up get their own mmap (returned to the kernel when freed) under the lean heap
 LEAN_MMAP_THRESHOLD = 1 << 20
 #: environment that makes glibc back those mmaps with transparent huge pages (read at process start: the
@@ -118,9 +127,20 @@ def pooled_floats(model_config: ModelConfig) -> int:
 
 
 def lean_estimate_mb(baseline_mb: float, model_config: ModelConfig, batch: int, threads: int) -> float:
-    """Estimated peak RSS of lean training (full batches, exact schedule)."""
+    """Estimated peak RSS of chunked training on the lean heap (full batches, exact schedule)."""
     pooled = 2 * pooled_floats(model_config) * 4 * batch / (1024.0 * 1024.0)     # outputs + their gradients
-    return MARGIN * (baseline_mb + LEAN_FIXED_MB + pooled + 4 * LEAN_CHUNK_MB + PER_THREAD_MB * max(0, threads - 1))
+    return baseline_mb + MARGIN * (LEAN_FIXED_MB + pooled + 4 * LEAN_CHUNK_MB + PER_THREAD_MB * max(0, threads - 1))
+
+
+def lean_heap_available() -> bool:
+    """Whether :func:`use_lean_heap` can work here (glibc's ``mallopt``); checked without changing anything."""
+    import ctypes
+    import platform
+
+    try:
+        return platform.libc_ver()[0] == "glibc" and hasattr(ctypes.CDLL(None), "mallopt")
+    except OSError:
+        return False
 
 
 def use_lean_heap() -> str:
@@ -152,42 +172,60 @@ class MemoryPlan(_JsonMixin):
     export_estimate_mb: float
     exact: bool                 # micro_batch == batch: BatchNorm sees the schedule's batches exactly
     lean: bool = False          # full batches through ConvNet.forward_chunked on the lean heap (exact too)
+    lean_heap: bool = False     # train on the lean heap (every plan under a budget, where glibc allows)
 
     @property
     def estimate_mb(self) -> float:
         return max(self.train_estimate_mb, self.export_estimate_mb)
 
 
-def estimate_mb(baseline_mb: float, per_sample_mb: float, micro_batch: int, threads: int) -> float:
-    return MARGIN * (baseline_mb + FIXED_TRAIN_MB + per_sample_mb * micro_batch + PER_THREAD_MB * max(0, threads - 1))
+def estimate_mb(baseline_mb: float, per_sample_mb: float, micro_batch: int, threads: int,
+                fixed_mb: float = FIXED_TRAIN_MB) -> float:
+    """Estimated peak RSS: the baseline plus a margin on what training adds (``fixed_mb``: default heap's)."""
+    return baseline_mb + MARGIN * (fixed_mb + per_sample_mb * micro_batch + PER_THREAD_MB * max(0, threads - 1))
+
+
+def per_sample_mb(model_config: ModelConfig, lean_heap: bool = False) -> float:
+    """Estimated training MB per sample of a (micro-)batch on the default or the lean heap."""
+    factor = HEAP_ACTIVATION_FACTOR if lean_heap else ACTIVATION_FACTOR
+    return factor * activation_floats(model_config) * 4 / (1024.0 * 1024.0)
 
 
 def plan_training(model_config: ModelConfig, n: int, batch: int, threads: Optional[int], budget_mb: Optional[float],
-                  baseline_mb: Optional[float] = None, export: bool = True, lean: bool = False) -> MemoryPlan:
+                  baseline_mb: Optional[float] = None, export: bool = True, lean: bool = False,
+                  lean_heap: Optional[bool] = None) -> MemoryPlan:
     """Choose how to train so the estimated peak RSS fits ``budget_mb`` (None: no limit: the full schedule
-    batch, ``threads`` as given; ``lean=True``: lean training even when the plain one would fit). Raises
-    :class:`MemoryBudgetError` with the numbers when even one sample per step with one thread does not fit."""
+    batch, ``threads`` as given, default heap; ``lean=True``: chunked training even when the plain one would
+    fit). Under a budget training runs on the lean heap where glibc allows (``lean_heap`` overrides that).
+    Raises :class:`MemoryBudgetError` with the numbers when even one sample per step with one thread does
+    not fit."""
     batch = n if batch in (0, None) or batch >= n else int(batch)
     threads = int(threads) if threads else (os.cpu_count() or 1)
     baseline = current_rss_mb() if baseline_mb is None else float(baseline_mb)
-    per_sample = ACTIVATION_FACTOR * activation_floats(model_config) * 4 / (1024.0 * 1024.0)
-    export_est = MARGIN * (baseline + EXPORT_MB) if export else 0.0
-
-    def make(mb, th, lean=False):
-        est = lean_estimate_mb(baseline, model_config, batch, th) if lean else estimate_mb(baseline, per_sample, mb, th)
-        return MemoryPlan(budget_mb, round(baseline, 1), round(per_sample, 2), mb, batch, th,
-                          round(est, 1), round(export_est, 1), mb >= batch, lean)
+    if lean_heap is None:
+        lean_heap = (budget_mb is not None or lean) and lean_heap_available()
+    per_sample = per_sample_mb(model_config, lean_heap)
+    fixed = HEAP_FIXED_MB if lean_heap else FIXED_TRAIN_MB
+    export_est = baseline + MARGIN * EXPORT_MB if export else 0.0
 
     from .models import trains_chunked
 
-    can_lean = trains_chunked(model_config)
+    can_chunk = trains_chunked(model_config)
+
+    def make(mb, th, chunked=False):
+        est = lean_estimate_mb(baseline, model_config, batch, th) if chunked else \
+            estimate_mb(baseline, per_sample, mb, th, fixed)
+        return MemoryPlan(budget_mb, round(baseline, 1), round(per_sample, 2), mb, batch, th,
+                          round(est, 1), round(export_est, 1), mb >= batch, chunked, bool(lean_heap or chunked))
+
     if budget_mb is None:
-        return make(batch, threads, lean=lean and can_lean)
+        return make(batch, threads, chunked=lean and can_chunk)
     budget = float(budget_mb)
-    if baseline * MARGIN >= budget:
+    smallest = max(estimate_mb(baseline, per_sample, 1, 1, fixed), export_est)
+    if baseline >= budget:
         raise MemoryBudgetError(
             f"memory budget {budget:.0f} MB is below the process baseline: torch and the pack already take "
-            f"{baseline:.0f} MB RSS; give at least {max(estimate_mb(baseline, per_sample, 1, 1), export_est):.0f} MB")
+            f"{baseline:.0f} MB RSS; give at least {smallest:.0f} MB")
     if export and export_est > budget:
         raise MemoryBudgetError(
             f"memory budget {budget:.0f} MB cannot fit the export step (~{export_est:.0f} MB: "
@@ -195,18 +233,17 @@ def plan_training(model_config: ModelConfig, n: int, batch: int, threads: Option
             f"raise the budget or use --no-export")
     candidates = sorted({threads, 1}, reverse=True)
     for th in candidates:        # 1. the schedule as is
-        if estimate_mb(baseline, per_sample, batch, th) <= budget and not (lean and can_lean):
+        if estimate_mb(baseline, per_sample, batch, th, fixed) <= budget and not (lean and can_chunk):
             return make(batch, th)
-    if can_lean:
-        for th in candidates:    # 2. the same numbers, lean: channel groups, recomputed in backward
+    if can_chunk:
+        for th in candidates:    # 2. the same numbers, chunked: channel groups, recomputed in backward
             if lean_estimate_mb(baseline, model_config, batch, th) <= budget:
-                return make(batch, th, lean=True)
+                return make(batch, th, chunked=True)
     for th in candidates:        # 3. micro-batches: BatchNorm statistics per micro-batch (not exact)
-        room = budget / MARGIN - baseline - FIXED_TRAIN_MB - PER_THREAD_MB * max(0, th - 1)
+        room = (budget - baseline) / MARGIN - fixed - PER_THREAD_MB * max(0, th - 1)
         mb = min(batch, int(room // per_sample)) if room > 0 else 0
         if mb >= 1 and (th == 1 or mb >= min(batch, 8)):  # drop threads before going below 8 samples
             return make(mb, th)
-    need = max(estimate_mb(baseline, per_sample, 1, 1), export_est)
     raise MemoryBudgetError(
         f"memory budget {budget:.0f} MB is too small to train: {baseline:.0f} MB baseline (torch + pack) + "
-        f"~{FIXED_TRAIN_MB:.0f} MB autograd + {per_sample:.1f} MB per sample needs >= {need:.0f} MB")
+        f"~{fixed:.0f} MB autograd + {per_sample:.1f} MB per sample needs >= {smallest:.0f} MB")

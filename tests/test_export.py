@@ -50,6 +50,29 @@ def test_int8_agrees_with_fp32_on_argmax(model_dir):
     assert info["files"]["onnx-int8"]["agreement_vs_fp32"]["argmax_agreement"] >= 0.9
 
 
+def test_streamed_calibration_gives_the_same_int8_model(model_dir, tmp_path, monkeypatch):
+    """Percentile calibration collected a few windows at a time (bounded memory) yields exactly the model
+    onnxruntime's all-at-once collection yields: the same bytes."""
+    from edge_ser import export
+    from edge_ser.export import quantize_int8
+
+    calls = []
+    streamed_collect = export._collect_histograms_streamed
+    monkeypatch.setattr(export, "_collect_histograms_streamed",
+                        lambda *a, **k: calls.append(k["stride"]) or streamed_collect(*a, **k))
+    X, _ = class_data(7, seed=5)                                # 7 x classes windows: stride 3 does not divide it
+    meta = {"edge_ser.pack_id": "t"}
+    one_shot, streamed = tmp_path / "a.onnx", tmp_path / "b.onnx"
+    quantize_int8(model_dir / "model.onnx", one_shot, X, meta, calib_stride=None)
+    assert calls == []
+    quantize_int8(model_dir / "model.onnx", streamed, X, meta, calib_stride=3)
+    assert calls == [3]                                         # the streamed collection did run
+    assert one_shot.read_bytes() == streamed.read_bytes()
+    other = tmp_path / "c.onnx"                                 # and the test can fail: other data, other model
+    quantize_int8(model_dir / "model.onnx", other, X[: len(X) // 2] * 3.0, meta, calib_stride=3)
+    assert other.read_bytes() != streamed.read_bytes()
+
+
 def test_metadata_in_every_file(model_dir):
     import onnx
 

@@ -72,28 +72,34 @@ def test_budget_planner_picks_plain_then_lean_then_micro_batches():
 
     cfg = ModelConfig(num_classes=8)
     free = memory.plan_training(cfg, 80, 0, 2, None, baseline_mb=300)
-    assert free.micro_batch == 80 and free.exact and free.threads == 2 and not free.lean
+    assert free.micro_batch == 80 and free.exact and free.threads == 2 and not free.lean and not free.lean_heap
+    heap_need = memory.estimate_mb(300, memory.per_sample_mb(cfg, lean_heap=True), 80, 2, memory.HEAP_FIXED_MB)
     lean_need = memory.lean_estimate_mb(300, cfg, 80, 2)
-    assert lean_need < free.train_estimate_mb                          # what lean training is for
-    lean = memory.plan_training(cfg, 80, 0, 2, lean_need + 1, baseline_mb=300, export=False)
-    assert lean.lean and lean.exact and lean.micro_batch == 80 and lean.estimate_mb <= lean_need + 1
-    assert memory.plan_training(cfg, 80, 0, 2, None, baseline_mb=300, lean=True).lean   # asked for
-    inorm = ModelConfig(num_classes=8, norm="instance")                # no lean path: micro-batches
-    per = memory.plan_training(inorm, 80, 0, 2, None, baseline_mb=300).per_sample_mb
-    budget = memory.estimate_mb(300, per, 40, 2) + 1                   # room for about half the batch
-    tight = memory.plan_training(inorm, 80, 0, 2, budget, baseline_mb=300, export=False)
+    assert lean_need < heap_need < free.train_estimate_mb              # what the lean heap and chunks are for
+    as_is = memory.plan_training(cfg, 80, 0, 2, heap_need + 1, baseline_mb=300, export=False, lean_heap=True)
+    assert as_is.exact and as_is.lean_heap and not as_is.lean and as_is.threads == 2
+    lean = memory.plan_training(cfg, 80, 0, 2, lean_need + 1, baseline_mb=300, export=False, lean_heap=True)
+    assert lean.lean and lean.lean_heap and lean.exact and lean.micro_batch == 80 and lean.estimate_mb <= lean_need + 1
+    forced = memory.plan_training(cfg, 80, 0, 2, None, baseline_mb=300, lean=True)     # asked for
+    assert forced.lean and forced.lean_heap == memory.lean_heap_available()
+    inorm = ModelConfig(num_classes=8, norm="instance")                # no chunked path: micro-batches
+    per = memory.per_sample_mb(inorm, lean_heap=True)
+    budget = memory.estimate_mb(300, per, 40, 2, memory.HEAP_FIXED_MB) + 1   # room for about half the batch
+    tight = memory.plan_training(inorm, 80, 0, 2, budget, baseline_mb=300, export=False, lean_heap=True)
     assert 1 <= tight.micro_batch < 80 and not tight.exact and not tight.lean and tight.estimate_mb <= budget
     with pytest.raises(memory.MemoryBudgetError, match="export step"):
-        memory.plan_training(cfg, 80, 0, 2, memory.MARGIN * (300 + memory.EXPORT_MB) - 1, baseline_mb=300)
+        memory.plan_training(cfg, 80, 0, 2, 300 + memory.MARGIN * memory.EXPORT_MB - 1, baseline_mb=300)
     with pytest.raises(memory.MemoryBudgetError, match="too small to train|baseline"):
         memory.plan_training(cfg, 80, 0, 1, 330, baseline_mb=300, export=False)
 
 
 def test_tight_budget_trains_with_micro_batches(pack, tmp_path):
     base = memory.current_rss_mb()
-    per = memory.plan_training(pack.model_config, len(pack.X), 0, 1, None).per_sample_mb
-    budget = memory.MARGIN * (base + memory.FIXED_TRAIN_MB + 4.5 * per) + 1
-    budget = max(budget, memory.MARGIN * (base + memory.EXPORT_MB) + 1)
+    heap = memory.lean_heap_available()
+    per = memory.per_sample_mb(pack.model_config, lean_heap=heap)
+    fixed = memory.HEAP_FIXED_MB if heap else memory.FIXED_TRAIN_MB
+    budget = memory.estimate_mb(base, per, 4.5, 1, fixed) + 1
+    budget = max(budget, base + memory.MARGIN * memory.EXPORT_MB + 1)
     r = train_from_pack(pack, tmp_path / "m", memory_budget_mb=budget, threads=1, export=False)
     assert r["micro_batch"] < len(pack.X) or r["exact_schedule"]
     assert r["golden"]["max_abs_deviation"] < 10  # trained, informative golden check
@@ -159,6 +165,43 @@ def test_lean_training_is_bit_identical_for_the_default_model():
     assert first.keys() == second.keys()
     for k in first:
         assert np.array_equal(first[k], second[k]), k
+
+
+@pytest.mark.parametrize("kind", ["sgd", "sgd-momentum-wd", "adam", "adam-wd"])
+def test_device_optimizer_is_torch_optim_bit_for_bit(kind):
+    """The schedule's own optimiser (no torch.optim: that import costs ~55 MB on a device) takes exactly
+    torch.optim's steps: same weights after several steps, compared bit for bit."""
+    import torch
+
+    from edge_ser.config import default_model_config
+    from edge_ser.models import build_model
+    from edge_ser.schedule import DeviceOptimizer, Schedule
+    from edge_ser.train import loss_fn
+
+    torch.set_num_threads(1)
+    opt_name, _, extra = kind.partition("-")
+    sched = Schedule(optimizer=opt_name, lr=0.05 if opt_name == "sgd" else 2e-3,
+                     momentum=0.9 if extra and opt_name == "sgd" else 0.0,
+                     weight_decay=1e-3 if extra else 0.0)
+    cfg = default_model_config(4)
+    ours, ref = build_model(cfg, seed=3), build_model(cfg, seed=3)
+    mine = DeviceOptimizer(ours.parameters(), sched)
+    if opt_name == "sgd":
+        theirs = torch.optim.SGD(ref.parameters(), lr=sched.lr, momentum=sched.momentum,
+                                 weight_decay=sched.weight_decay)
+    else:
+        theirs = torch.optim.Adam(ref.parameters(), lr=sched.lr, weight_decay=sched.weight_decay)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(4):
+        x = torch.randn(6, cfg.n_mels, cfg.num_frames, generator=gen)
+        y = torch.arange(6) % 4
+        for model, opt in ((ours, mine), (ref, theirs)):
+            opt.zero_grad(set_to_none=True)
+            loss_fn(model(x), y).backward()
+            opt.step()
+    for (name, a), b in zip(ours.state_dict().items(), ref.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert any(not torch.equal(a, b) for a, b in zip(ours.parameters(), build_model(cfg, seed=3).parameters()))
 
 
 def test_lean_train_local_passes_the_golden_check(pack, tmp_path):
