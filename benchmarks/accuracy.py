@@ -60,17 +60,17 @@ def load_split(corpus: str, test_speakers: Optional[str], quick: bool):
     return train, test, held
 
 
-def make_theta0(train, seed: int = 0):
+def make_theta0(train, seed: int = 0, arch: str = "convnet"):
     from edge_ser.config import default_model_config
     from edge_ser.models import build_model, input_stats, set_input_stats, state_arrays
 
-    model_cfg = default_model_config(train.num_classes)
+    model_cfg = default_model_config(train.num_classes, arch=arch)
     model = build_model(model_cfg, seed=seed)
     set_input_stats(model, *input_stats(train.X))
     return model_cfg, state_arrays(model)
 
 
-def distill_job(corpus, test_speakers, quick, method, params, ipc, iterations, seed, threads):
+def distill_job(corpus, test_speakers, quick, method, params, ipc, iterations, seed, threads, arch="convnet"):
     """Child-process body: load features, build θ0, distil; returns the SyntheticSet."""
     import torch
 
@@ -78,7 +78,7 @@ def distill_job(corpus, test_speakers, quick, method, params, ipc, iterations, s
 
     torch.set_num_threads(threads)
     train, _, _ = load_split(corpus, test_speakers, quick)
-    model_cfg, theta0 = make_theta0(train)
+    model_cfg, theta0 = make_theta0(train, arch=arch)
     cfg = DistillConfig(method=method, ipc=ipc, iterations=iterations, seed=seed, params=params, threads=threads)
     return distill(train, cfg, model_cfg, theta0)
 
@@ -128,6 +128,9 @@ def main(argv=None) -> int:
     ap.add_argument("--iterations", type=int, default=None, help="override every method's iterations")
     ap.add_argument("--full-epochs", type=int, default=30, help="full-data baseline epochs (0: skip it)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--arch", default="convnet", choices=("convnet", "cnn6"),
+                    help="model: the compact edge ConvNet, or the paper's CNN-6 (4.4M parameters; for the "
+                         "like-for-like MTT row: --arch cnn6 --methods mtt; hours of CPU per expert)")
     ap.add_argument("--quick", action="store_true", help="CI smoke run on a small slice (< 3 min)")
     ap.add_argument("--out", default=str(HERE / "results" / "accuracy.json"))
     ap.add_argument("--plot", default=str(HERE / "accuracy.png"))
@@ -147,7 +150,7 @@ def main(argv=None) -> int:
     corpus = a.corpus or (str(RAVDESS) if (RAVDESS / "Actor_01").is_dir() else "demo")
     info = print_machine_info()
     train, test, held = load_split(corpus, a.test_speakers, a.quick)
-    model_cfg, theta0 = make_theta0(train)
+    model_cfg, theta0 = make_theta0(train, arch=a.arch)
     print(f"corpus {corpus}: train {len(train)} utterances, test {len(test)} (speakers {','.join(held)}), "
           f"{train.num_classes} classes")
     seeds = tuple(range(a.seeds))
@@ -159,8 +162,10 @@ def main(argv=None) -> int:
         params = tuple(dict(extra + params).items())
         for ipc in [int(v) for v in a.ipc.split(",")]:
             syn, rss, secs = run_in_child(distill_job, corpus, a.test_speakers, a.quick, method, params, ipc,
-                                          a.iterations, a.distill_seed, a.threads)
-            row = {"label": spec, "method": method, "params": dict(params), "ipc": ipc, "n": int(len(syn.X)),
+                                          a.iterations, a.distill_seed, a.threads, a.arch)
+            label = spec if a.arch == "convnet" else f"{spec} ({a.arch})"
+            row = {"label": label, "arch": a.arch, "method": method, "params": dict(params), "ipc": ipc,
+                   "n": int(len(syn.X)),
                    "distill_seconds": secs, "peak_rss_mb": rss, "iterations": syn.stats.get("iterations"),
                    "schedule": syn.schedule.to_dict(), "synthetic_bytes": int(syn.X.nbytes + syn.y.nbytes)}
             for init in ("theta0", "random"):

@@ -30,7 +30,8 @@ exactly that procedure, with exact gradients:
 
 Params (``cfg.param(key, default)``): experts 2, expert_epochs 15, expert_lr 1e-3, init_select "herding",
 teacher_labels False, temperature 2.0, max_start_epoch 8, p_theta0 0.3, expert_epochs_ahead 1, syn_steps 4,
-anchor "expert" (or "student", see 3), path_every 5, robust_schedule False,
+anchor "expert" (or "student", see 3), path_every 5, robust_schedule False, augment False (SpecAugment masks in
+every unrolled step, as the experts had, and in the device's schedule),
 lr_init 0.05, lr_img 0.03, lr_lr 0.01, lr_label 0.05, eval_every 10, eval_epochs 40, lr_factors (0.5, 1, 2),
 epoch_grid (20, 40, 80, 120), val_speakers 2 (held out of ``train`` when ``val`` is None).
 Default iterations: 80 (on RAVDESS the validation UAR stopped improving after 20-30).
@@ -103,7 +104,7 @@ def distill_fixed_init(train: FeatureSet, cfg: DistillConfig, model_cfg: ModelCo
     from torch.func import functional_call
 
     from ..models import build_model
-    from ..train import loss_fn
+    from ..train import loss_fn, spec_augment
     from .experts import ExpertConfig, expert_buffer, load_trajectory
 
     t_start = time.perf_counter()
@@ -147,7 +148,10 @@ def distill_fixed_init(train: FeatureSet, cfg: DistillConfig, model_cfg: ModelCo
     rng = np.random.default_rng(cfg.seed)
     history: List[Dict] = []
     start_it, best = 0, {"val_uar": -1.0}
-    eval_schedule = Schedule(lr=float(P("lr_init", 0.05)), epochs=int(P("eval_epochs", 40)), seed=cfg.seed)
+    augment = bool(P("augment", False))
+    fill = torch.as_tensor(np.asarray(theta0["input_norm.mean"], np.float32))
+    eval_schedule = Schedule(lr=float(P("lr_init", 0.05)), epochs=int(P("eval_epochs", 40)), seed=cfg.seed,
+                             augment=augment)
 
     def x_now() -> np.ndarray:
         return (z_syn.detach() * std + mean).numpy()
@@ -171,6 +175,8 @@ def distill_fixed_init(train: FeatureSet, cfg: DistillConfig, model_cfg: ModelCo
     anchor = str(P("anchor", "expert"))
     if anchor not in ("expert", "student"):
         raise ValueError(f"fixed-init anchor must be 'expert' or 'student', got {anchor!r}")
+    if anchor == "student" and augment:
+        raise ValueError("fixed-init: anchor='student' does not support augment=True")
     path_every, path = max(1, int(P("path_every", 5))), None
 
     def device_path(X: np.ndarray, labels, lr: float):
@@ -231,8 +237,10 @@ def distill_fixed_init(train: FeatureSet, cfg: DistillConfig, model_cfg: ModelCo
         labels = labels_now()
         lr = torch.exp(log_lr)
         params = {k: v.clone().requires_grad_(True) for k, v in params.items()}
+        gen = torch.Generator().manual_seed(int(rng.integers(2 ** 31))) if augment else None
         for _ in range(syn_steps):
-            out = functional_call(net, {**params, **buffers}, (x,))
+            xs = spec_augment(x, fill, gen) if augment else x    # differentiable: masks are copies of fill
+            out = functional_call(net, {**params, **buffers}, (xs,))
             grads = torch.autograd.grad(loss_fn(out, labels), list(params.values()), create_graph=True)
             params = {k: p - lr * g for (k, p), g in zip(params.items(), grads)}
 
@@ -254,7 +262,7 @@ def distill_fixed_init(train: FeatureSet, cfg: DistillConfig, model_cfg: ModelCo
 
     # 4. the device's schedule: step size and number of steps chosen on validation speakers
     schedule, sel_uar, table = select_schedule(
-        best["x"], best["y"], Schedule(lr=best["lr"], epochs=1, seed=cfg.seed), model_cfg, theta0, val,
+        best["x"], best["y"], Schedule(lr=best["lr"], epochs=1, seed=cfg.seed, augment=augment), model_cfg, theta0, val,
         lr_factors=tuple(P("lr_factors", (0.5, 1.0, 2.0))), epoch_grid=tuple(P("epoch_grid", (20, 40, 80, 120))))
     if P("robust_schedule", False):
         # the recipe real subsets get (Adam, SpecAugment, ~300 steps) competes on the same validation
