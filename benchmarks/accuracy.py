@@ -116,6 +116,36 @@ def plot(rows: List[Dict], full: Dict, path: Path, title: str) -> None:
     plt.close(fig)
 
 
+def merge(paths: List[str], out: str, plot_path: Optional[str]) -> Dict:
+    """Merge the JSON of several runs (or an earlier merge) into one: rows keyed by (label, IPC, distillation
+    seed), later files replacing earlier rows; the plot shows distillation seed 0 (the other seeds are rows
+    for mean ± std over distillation runs)."""
+    import json
+
+    merged: Dict = {"rows": [], "runs": [], "full": {}}
+    for path in paths:
+        d = json.loads(Path(path).read_text())
+        argv = d.get("argv") or []
+        seed = int(argv[argv.index("--distill-seed") + 1]) if "--distill-seed" in argv else 0
+        if "argv" in d:
+            merged["runs"].append({"argv": argv, "machine": d.get("machine"), "run": Path(path).stem})
+        else:
+            merged["runs"] += d.get("runs", [])
+        for key in ("corpus", "seeds", "test_speakers"):
+            merged.setdefault(key, d.get(key))
+        merged["full"] = d.get("full") or merged["full"]
+        for row in d.get("rows", []):
+            row.setdefault("distill_seed", seed)
+            key = (row["label"], row["ipc"], row["distill_seed"])
+            merged["rows"] = [r for r in merged["rows"] if (r["label"], r["ipc"], r["distill_seed"]) != key] + [row]
+    write_json(out, merged)
+    if plot_path:
+        rows = [r for r in merged["rows"] if r["distill_seed"] == 0]
+        plot(rows, merged["full"], Path(plot_path), f"{Path(str(merged.get('corpus'))).name}: test speakers "
+             f"{','.join(merged.get('test_speakers') or [])}; mean ± std over {len(merged.get('seeds') or [])} seeds")
+    return merged
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--corpus", default=None, help="corpus path (default: RAVDESS if present, else 'demo')")
@@ -134,7 +164,13 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="CI smoke run on a small slice (< 3 min)")
     ap.add_argument("--out", default=str(HERE / "results" / "accuracy.json"))
     ap.add_argument("--plot", default=str(HERE / "accuracy.png"))
+    ap.add_argument("--merge", nargs="+", metavar="JSON",
+                    help="only merge these runs' JSON (and earlier merges) into --out and re-plot; runs nothing")
     a = ap.parse_args(argv)
+    if a.merge:
+        merged = merge(a.merge, a.out, a.plot)
+        print(f"merged {len(merged['rows'])} rows from {len(a.merge)} files into {a.out}")
+        return 0
 
     import torch
 
@@ -165,7 +201,7 @@ def main(argv=None) -> int:
                                           a.iterations, a.distill_seed, a.threads, a.arch)
             label = spec if a.arch == "convnet" else f"{spec} ({a.arch})"
             row = {"label": label, "arch": a.arch, "method": method, "params": dict(params), "ipc": ipc,
-                   "n": int(len(syn.X)),
+                   "n": int(len(syn.X)), "distill_seed": a.distill_seed,
                    "distill_seconds": secs, "peak_rss_mb": rss, "iterations": syn.stats.get("iterations"),
                    "schedule": syn.schedule.to_dict(), "synthetic_bytes": int(syn.X.nbytes + syn.y.nbytes)}
             for init in ("theta0", "random"):

@@ -14,6 +14,7 @@ import hashlib
 import io
 import logging
 import os
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -81,27 +82,23 @@ def export_onnx(model, path, metadata: Dict[str, str], n_mels: int, frames: int,
 
 
 class _Calib:
-    """CalibrationDataReader over a float32 array, one window per batch; ``set_range`` lets onnxruntime
-    calibrate in strides (``CalibStridedMinMax``), holding one stride's intermediate tensors at a time."""
+    """CalibrationDataReader over a float32 array, a few windows per batch."""
 
     def __init__(self, X: np.ndarray, batch: int = 1):
-        self.X, self.batch, self.i, self.end = X, batch, 0, len(X)
-
-    def __len__(self):
-        return len(self.X)
-
-    def set_range(self, start_index: int, end_index: int):
-        self.i, self.end = int(start_index), min(int(end_index), len(self.X))
+        self.X, self.batch, self.i = X, batch, 0
 
     def get_next(self):
-        if self.i >= self.end:
+        if self.i >= len(self.X):
             return None
-        xb = self.X[self.i: min(self.i + self.batch, self.end)]
+        xb = self.X[self.i: self.i + self.batch]
         self.i += self.batch
         return {INPUT_NAME: np.ascontiguousarray(xb, dtype=np.float32)}
 
     def rewind(self):
-        self.i, self.end = 0, len(self.X)
+        self.i = 0
+
+
+_PATCH_LOCK = threading.Lock()
 
 
 @contextlib.contextmanager
@@ -129,11 +126,12 @@ def _streamed_histograms(stride: int):
             calibrator.collect_data = functools.partial(_collect_histograms_streamed, calibrator, stride=stride)
         return calibrator
 
-    ort_quantize.create_calibrator = create_calibrator
-    try:
-        yield
-    finally:
-        ort_quantize.create_calibrator = original
+    with _PATCH_LOCK:      # one quantisation at a time sees the patched factory; restored after it
+        ort_quantize.create_calibrator = create_calibrator
+        try:
+            yield
+        finally:
+            ort_quantize.create_calibrator = original
 
 
 def _collect_histograms_streamed(calibrator, data_reader, stride: int = 4) -> None:
