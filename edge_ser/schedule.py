@@ -59,8 +59,8 @@ class DeviceOptimizer:
     def __init__(self, params, schedule: Schedule):
         self.params = list(params)
         self.schedule = schedule
-        self.state: List[Optional[object]] = [None] * len(self.params)
-        self.steps = 0
+        self.state: List[Optional[object]] = [None] * len(self.params)   # momentum buffer, or Adam's moments
+        self.steps = [0] * len(self.params)     # per parameter, as torch.optim counts them (updates it got)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         for p in self.params:
@@ -70,11 +70,11 @@ class DeviceOptimizer:
         import torch
 
         s = self.schedule
-        self.steps += 1
         with torch.no_grad():
             for i, p in enumerate(self.params):
                 if p.grad is None:
                     continue
+                self.steps[i] += 1
                 grad = p.grad
                 if s.weight_decay != 0:
                     grad = grad.add(p, alpha=s.weight_decay)
@@ -93,7 +93,7 @@ class DeviceOptimizer:
                 beta1, beta2 = self.BETAS
                 exp_avg.lerp_(grad, 1 - beta1)
                 exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-                step = float(self.steps)
+                step = float(self.steps[i])
                 step_size = s.lr / (1 - beta1 ** step)
                 denom = (exp_avg_sq.sqrt() / (1 - beta2 ** step) ** 0.5).add_(self.EPS)
                 p.addcdiv_(exp_avg, denom, value=-step_size)
