@@ -127,6 +127,21 @@ def test_mtt_runs_and_learns_step_size(tmp_path):
     assert syn.method == "mtt" and syn.schedule.lr > 0 and syn.stats["history"]
 
 
+def test_augmented_unroll_ships_an_augmented_schedule(tmp_path):
+    """augment=True: SpecAugment masks inside the unrolled student steps and the same augmentation in the
+    device's schedule, whose replay stays deterministic (so a pack's golden vectors still check it)."""
+    train = _toy()
+    syn, cfg, theta0 = _distill(train, iterations=2, workdir=tmp_path, params=FAST + (("augment", True),))
+    assert syn.schedule.augment and np.all(np.isfinite(syn.X)) and syn.X.shape == (4, 64, 298)
+    assert syn.stats["history"]
+    runs = []
+    for _ in range(2):
+        model = load_state_arrays(build_model(cfg, 0), theta0)
+        train_schedule(model, syn.X, syn.y, syn.schedule)
+        runs.append(state_arrays(model))
+    assert all(np.array_equal(runs[0][k], runs[1][k]) for k in runs[0])
+
+
 def _uar_from_theta0(X, y, schedule, cfg, theta0, test):
     model = load_state_arrays(build_model(cfg, 0), theta0)
     train_schedule(model, X, y, schedule)

@@ -31,7 +31,8 @@ exactly that procedure, with exact gradients:
 Params (``cfg.param(key, default)``): experts 2, expert_epochs 15, expert_lr 1e-3, init_select "herding",
 teacher_labels False, temperature 2.0, max_start_epoch 8, p_theta0 0.3, expert_epochs_ahead 1, syn_steps 4,
 anchor "expert" (or "student", see 3), path_every 5, robust_schedule False, augment False (SpecAugment masks in
-every unrolled step, as the experts had, and in the device's schedule),
+every unrolled step, as the experts had, and in the device's schedule; on RAVDESS IPC 10: 39.7 +- 5.1 % over three
+distillations against 41.0 +- 3.7 % without),
 lr_init 0.05, lr_img 0.03, lr_lr 0.01, lr_label 0.05, eval_every 10, eval_epochs 40, lr_factors (0.5, 1, 2),
 epoch_grid (20, 40, 80, 120), val_speakers 2 (held out of ``train`` when ``val`` is None).
 Default iterations: 80 (on RAVDESS the validation UAR stopped improving after 20-30).
