@@ -278,17 +278,16 @@ def build_parser() -> argparse.ArgumentParser:
 def _restart_with_lean_heap(argv) -> None:
     """``train-local``/``agent`` with ``--memory-budget-mb`` (or ``--lean``) on Linux (glibc): exec this same command once
     more with :data:`memory.LEAN_HEAP_ENV` set, which glibc reads only at process start (transparent huge
-    pages for the big blocks lean training maps and unmaps each step: about 2x faster, same numbers).
+    pages for the big blocks the lean heap maps and unmaps each step: faster, same numbers).
     Only for a real command line (``main()`` from the console script), never inside a caller's process."""
     if not argv or argv[0] not in ("train-local", "agent") or os.environ.get("EDGE_SER_LEAN_HEAP"):
         return
     if not any(a in ("--memory-budget-mb", "--lean") or a.startswith("--memory-budget-mb=") for a in argv):
         return
-    import platform
+    from .memory import LEAN_HEAP_ENV, lean_heap_available
 
-    if not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc":
+    if not sys.platform.startswith("linux") or not lean_heap_available():
         return
-    from .memory import LEAN_HEAP_ENV
 
     env = dict(os.environ, EDGE_SER_LEAN_HEAP="1")
     for key, value in LEAN_HEAP_ENV.items():
