@@ -49,46 +49,6 @@ def _check_pack(p) -> None:
         raise ValueError(f"pack {p.pack_id}: labels outside 0..{mc.num_classes - 1}")
 
 
-def _train_micro(model, X, y, schedule, micro: int, progress: bool):
-    """The pack's schedule with gradients accumulated over micro-batches of ``micro`` samples: the same
-    steps, order and augmentation draws as :func:`schedule.train_schedule`; only BatchNorm's batch
-    statistics come from micro-batches (reported as ``exact: false``)."""
-    import torch
-
-    from .schedule import DeviceOptimizer
-    from .train import loss_fn, spec_augment
-
-    gen = torch.Generator().manual_seed(schedule.seed)
-    Xt, yt = torch.as_tensor(np.asarray(X, np.float32)), torch.as_tensor(np.asarray(y))
-    n = len(Xt)
-    bs = n if schedule.batch_size in (0, None) or schedule.batch_size >= n else schedule.batch_size
-    opt = DeviceOptimizer(model.parameters(), schedule)
-    history = []
-    model.train()
-    for epoch in range(schedule.epochs):
-        t0, total = time.perf_counter(), 0.0
-        order = torch.randperm(n, generator=gen) if bs < n else torch.arange(n)
-        for s in range(0, n, bs):
-            idx = order[s: s + bs]
-            xb = Xt[idx]
-            if schedule.augment:
-                xb = spec_augment(xb, model.input_norm.mean, gen)
-            yb = yt[idx]
-            opt.zero_grad(set_to_none=True)
-            for m in range(0, len(idx), micro):
-                loss = loss_fn(model(xb[m: m + micro]), yb[m: m + micro]) * (len(xb[m: m + micro]) / len(idx))
-                loss.backward()
-                total += float(loss.detach()) * len(idx)
-            opt.step()
-        history.append({"epoch": epoch + 1, "loss": total / n, "seconds": time.perf_counter() - t0})
-        if progress:
-            sys.stderr.write(f"\rtrain-local epoch {epoch + 1}/{schedule.epochs} loss {total / n:.3f}")
-    if progress:
-        sys.stderr.write("\n")
-    model.eval()
-    return history
-
-
 def golden_check(model, golden_inputs: np.ndarray, golden_logits: np.ndarray, tolerance: float) -> Dict[str, Any]:
     """Compare the trained model's logits on the pack's golden inputs with the server's logits."""
     import torch
@@ -176,7 +136,7 @@ def train_from_pack(p, output, memory_budget_mb: Optional[float] = None, threads
     elif plan.exact:
         history = train_schedule(model, p.X, p.y, p.schedule, progress=progress)
     else:
-        history = _train_micro(model, p.X, p.y, p.schedule, plan.micro_batch, progress)
+        history = train_schedule(model, p.X, p.y, p.schedule, progress=progress, micro_batch=plan.micro_batch)
     train_seconds = time.perf_counter() - t_train
     train_peak = memory.peak_rss_mb()
     golden = golden_check(model, p.golden_inputs, p.golden_logits, p.golden_tolerance)

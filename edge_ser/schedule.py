@@ -100,12 +100,15 @@ class DeviceOptimizer:
 
 
 def train_schedule(model, X: np.ndarray, y: np.ndarray, schedule: Schedule, progress: bool = False,
-                   on_step=None, chunk_floats: Optional[int] = None) -> List[Dict]:
+                   on_step=None, chunk_floats: Optional[int] = None, micro_batch: Optional[int] = None) -> List[Dict]:
     """Train ``model`` (in place, from whatever weights it holds: θ0 on a device) on the synthetic set.
 
     ``y`` is int labels (N,) or soft labels (N, C). Deterministic for a given torch build and thread
     count. Returns one record per epoch (loss, seconds). ``chunk_floats``: train through the model's
     ``forward_chunked`` (the same numbers in a fraction of the activation memory, for a tight budget).
+    ``micro_batch``: accumulate each step's gradient over micro-batches of that many samples: the same
+    steps, order and augmentation draws; only BatchNorm's batch statistics come from the micro-batches
+    (so the result is close to, not equal to, the exact schedule's).
     """
     import torch
 
@@ -135,6 +138,17 @@ def train_schedule(model, X: np.ndarray, y: np.ndarray, schedule: Schedule, prog
             xb = Xt[idx]
             if schedule.augment:
                 xb = spec_augment(xb, model.input_norm.mean, gen)
+            if micro_batch and micro_batch < len(idx):
+                opt.zero_grad(set_to_none=True)
+                for m in range(0, len(idx), micro_batch):
+                    part = loss_fn(model(xb[m: m + micro_batch]), yt[idx[m: m + micro_batch]])
+                    part = part * (len(idx[m: m + micro_batch]) / len(idx))
+                    part.backward()
+                    total += float(part.detach()) * len(idx)
+                opt.step()
+                if on_step:
+                    on_step()
+                continue
             if lean:
                 loss = loss_fn(model.forward_chunked(xb, chunk_floats), yt[idx])
                 running = [b.detach().clone() for b in bn_stats]   # backward's recomputation updates them again

@@ -105,6 +105,32 @@ def test_tight_budget_trains_with_micro_batches(pack, tmp_path):
     assert r["golden"]["max_abs_deviation"] < 10  # trained, informative golden check
 
 
+def test_micro_batches_accumulate_the_full_batch_gradient():
+    """Without batch-dependent normalisation, gradients accumulated over micro-batches are the full batch's
+    gradient: the micro-batched schedule ends at the exact schedule's weights (to float rounding)."""
+    import dataclasses
+
+    import torch
+
+    from _packlike import MODEL, class_data
+    from edge_ser.models import build_model, input_stats, set_input_stats
+    from edge_ser.schedule import Schedule, train_schedule
+
+    X, y = class_data(3, seed=1)
+    cfg = dataclasses.replace(MODEL, norm="instance")
+    a = build_model(cfg, seed=2)
+    set_input_stats(a, *input_stats(X))
+    b = build_model(cfg, seed=2)
+    b.load_state_dict(a.state_dict())
+    sched = Schedule(optimizer="adam", lr=1e-2, epochs=3, batch_size=6, seed=4, augment=True)
+    train_schedule(a, X, y, sched)
+    train_schedule(b, X, y, sched, micro_batch=4)      # 6-sample steps as 4 + 2
+    for (k, va), vb in zip(a.state_dict().items(), b.state_dict().values()):
+        torch.testing.assert_close(va, vb, rtol=1e-4, atol=1e-5, msg=k)
+    fresh = dict(build_model(cfg, seed=2).named_parameters())
+    assert not torch.equal(dict(a.named_parameters())["classifier.weight"], fresh["classifier.weight"])  # it trained
+
+
 def test_forward_chunked_is_forward_with_less_memory():
     """Every block split into channel groups (recomputed in backward): same logits, same gradients, same
     BatchNorm running statistics after the forward, to float precision."""

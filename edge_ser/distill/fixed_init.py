@@ -117,7 +117,8 @@ def distill_fixed_init(train: FeatureSet, cfg: DistillConfig, model_cfg: ModelCo
     C = model_cfg.num_classes
 
     # 1. experts that all start at θ0
-    expert_cfg = ExpertConfig(epochs=int(P("expert_epochs", 15)), lr=float(P("expert_lr", 1e-3)))
+    expert_cfg = ExpertConfig(epochs=int(P("expert_epochs", 15)), optimizer=str(P("expert_optimizer", "adam")),
+                              lr=float(P("expert_lr", 1e-3)))
     paths = expert_buffer(train, model_cfg, expert_cfg, theta0=theta0, count=int(P("experts", 2)),
                           threads=cfg.threads or 2, progress=progress)
     experts = [load_trajectory(p) for p in paths]
