@@ -5,7 +5,8 @@ trajectories (experts that all start at θ0, trained on the training speakers mi
 an expert's accuracy at the last epoch a segment can end on bounds what the distilled set can reach.
 
     PYTHONPATH=. python -m benchmarks.experts --corpus ../shared/corpora/ravdess --test-speakers 19-24 \\
-        --expert-epochs 15 --every 3
+        --expert-epochs 15 --every 3                       # fixed-init's default experts (SGD, lr 0.3)
+    ... --optimizer adam                                   # the paper's recipe (Adam, lr 1e-3)
 
 Experts come from (or go to) the same on-disk cache distillation uses, so this reads the experts a
 ``fixed-init`` run with the same settings trained. Writes JSON (--out).
@@ -25,10 +26,12 @@ def main(argv=None) -> int:
     ap.add_argument("--test-speakers", default=None, help="held-out speakers, e.g. 19-24")
     ap.add_argument("--expert-epochs", type=int, default=15, help="as fixed-init's expert_epochs param")
     ap.add_argument("--experts", type=int, default=2, help="as fixed-init's experts param")
+    ap.add_argument("--optimizer", default="sgd", choices=("sgd", "adam"), help="as fixed-init's expert_optimizer")
+    ap.add_argument("--lr", type=float, default=None, help="as fixed-init's expert_lr (default: 0.3 sgd, 1e-3 adam)")
     ap.add_argument("--val-speakers", type=int, default=2, help="as fixed-init's val_speakers param")
     ap.add_argument("--every", type=int, default=3, help="score every N-th epoch")
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--out", default=None, help="JSON (default results/experts_<epochs>.json)")
+    ap.add_argument("--out", default=None, help="JSON (default results/experts_<epochs>_<optimizer>.json)")
     a = ap.parse_args(argv)
 
     import torch
@@ -44,7 +47,9 @@ def main(argv=None) -> int:
     train, test, held = load_split(corpus, a.test_speakers, False)
     model_cfg, theta0 = make_theta0(train)
     experts_train, val = split_validation(train, None, a.val_speakers)
-    paths = expert_buffer(experts_train, model_cfg, ExpertConfig(epochs=a.expert_epochs), theta0=theta0,
+    expert_cfg = ExpertConfig(epochs=a.expert_epochs, optimizer=a.optimizer,
+                              lr=a.lr if a.lr is not None else (0.3 if a.optimizer == "sgd" else 1e-3))
+    paths = expert_buffer(experts_train, model_cfg, expert_cfg, theta0=theta0,
                           count=a.experts, threads=a.threads)
     rows = []
     for path in paths:
@@ -57,9 +62,9 @@ def main(argv=None) -> int:
         rows.append({"expert": path.name, "seed": traj.meta.get("seed"), "epochs": scores})
         print(f"{path.name}: " + "  ".join(f"ep {e}: test {100 * s['test']:.1f} val {100 * s['val']:.1f}"
                                           for e, s in scores.items()), flush=True)
-    out = write_json(a.out or str(HERE / "results" / f"experts_{a.expert_epochs}.json"),
+    out = write_json(a.out or str(HERE / "results" / f"experts_{a.expert_epochs}_{a.optimizer}.json"),
                      {"machine": info, "corpus": corpus, "test_speakers": held, "val_speakers": val.speaker_ids(),
-                      "expert": ExpertConfig(epochs=a.expert_epochs).to_dict(), "rows": rows, "argv": sys.argv})
+                      "expert": expert_cfg.to_dict(), "rows": rows, "argv": sys.argv})
     print(f"wrote {out}")
     return 0
 

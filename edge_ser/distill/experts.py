@@ -105,7 +105,7 @@ def train_expert(train: FeatureSet, model_cfg: ModelConfig, expert_cfg: ExpertCo
     stacked = {k: np.stack([s[k] for s in snaps]) for k in snaps[0]}
     meta = {"seed": seed, "seconds": time.perf_counter() - t0, "expert": expert_cfg.to_dict()}
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.npz")
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.npz")   # per process: concurrent runs share the cache
     np.savez(tmp, __meta__=np.array(json.dumps(meta)), **stacked)
     os.replace(tmp, path)
     return path

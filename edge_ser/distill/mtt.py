@@ -126,18 +126,25 @@ def rng_state(gen) -> np.ndarray:
     return gen.get_state().numpy().copy()
 
 
-def val_uar(X, y, schedule: Schedule, model_cfg: ModelConfig, theta0, val: FeatureSet) -> float:
-    """Validation UAR of θ0 trained on (X, y) with exactly ``train_schedule``."""
+def score(model, val, num_classes: int) -> float:
+    """UAR of ``model`` on ``val``: one FeatureSet, or a tuple of them (the mean of their UARs)."""
+    from ..train import evaluate_arrays
+
+    sets = val if isinstance(val, (tuple, list)) else (val,)
+    return float(np.mean([evaluate_arrays(model, fs.X, fs.y, num_classes)["uar"] for fs in sets]))
+
+
+def val_uar(X, y, schedule: Schedule, model_cfg: ModelConfig, theta0, val) -> float:
+    """Validation UAR (see :func:`score`) of θ0 trained on (X, y) with exactly ``train_schedule``."""
     from ..models import build_model, load_state_arrays
     from ..schedule import train_schedule
-    from ..train import evaluate_arrays
 
     model = load_state_arrays(build_model(model_cfg, 0), theta0)
     train_schedule(model, X, y, schedule)
-    return float(evaluate_arrays(model, val.X, val.y, model_cfg.num_classes)["uar"])
+    return score(model, val, model_cfg.num_classes)
 
 
-def select_schedule(X, y, schedule: Schedule, model_cfg: ModelConfig, theta0, val: FeatureSet,
+def select_schedule(X, y, schedule: Schedule, model_cfg: ModelConfig, theta0, val,
                     lr_factors=(1.0,), epoch_grid=(10, 20, 30, 40)) -> Tuple[Schedule, float, List[Dict]]:
     """Pick the (lr, epochs) with the best validation UAR, training θ0 exactly as ``train_schedule`` does.
 
@@ -146,7 +153,6 @@ def select_schedule(X, y, schedule: Schedule, model_cfg: ModelConfig, theta0, va
     """
     from ..models import build_model, load_state_arrays
     from ..schedule import train_schedule
-    from ..train import evaluate_arrays
 
     chainable = (schedule.optimizer == "sgd" and schedule.momentum == 0 and schedule.weight_decay == 0
                  and not schedule.augment and (schedule.batch_size == 0 or schedule.batch_size >= len(X)))
@@ -160,7 +166,7 @@ def select_schedule(X, y, schedule: Schedule, model_cfg: ModelConfig, theta0, va
                 model, done = load_state_arrays(build_model(model_cfg, 0), theta0), 0
             train_schedule(model, X, y, schedule.replace(lr=lr, epochs=e - done))
             done = e
-            uar = float(evaluate_arrays(model, val.X, val.y, model_cfg.num_classes)["uar"])
+            uar = score(model, val, model_cfg.num_classes)
             table.append({"lr": lr, "epochs": e, "val_uar": uar})
             if uar > best[0] + 1e-9:
                 best = (uar, schedule.replace(lr=lr, epochs=e))
