@@ -90,12 +90,18 @@ def fmt(res: Dict) -> str:
 def plot(rows: List[Dict], full: Dict, path: Path, title: str) -> None:
     import matplotlib
 
+    from edge_ser.distill.base import METHODS
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
     for ax, init in zip(axes, ("theta0", "random")):
-        labels = sorted({r["label"] for r in rows})
+        # the methods, and any variant measured at two IPCs or more (single-IPC variants stay in the table)
+        ipcs = {}
+        for r in rows:
+            ipcs.setdefault(r["label"], set()).add(r["ipc"])
+        labels = sorted(lab for lab, seen in ipcs.items() if lab.partition(":")[0] in METHODS or len(seen) > 1)
         for label in labels:
             pts = sorted((r["ipc"], r[init]["uar_mean"], r[init]["uar_std"]) for r in rows if r["label"] == label)
             if pts:

@@ -132,10 +132,14 @@ def test_selection_on_validation_and_training_speakers(tmp_path):
     train_schedule(model, syn.X, syn.y, syn.schedule)
     uars = [evaluate_arrays(model, fs.X, fs.y, cfg.num_classes)["uar"] for fs in (val, fit)]
     assert syn.stats["val_uar"] == pytest.approx(np.mean(uars), abs=1e-6)
-    if uars[0] == uars[1]:   # here they differ (0.25 / 0.3125); another CPU's rounding could tie them
-        pytest.skip(f"validation and training UAR tie ({uars[0]}): the mean cannot be told from either")
+    assert syn.stats["selection_clips"] == len(val) + len(fit)
+    capped, _, _ = _distill(train, iterations=1, workdir=tmp_path / "cap",
+                            params=FAST + (("select_on", "val_train"), ("select_train_max", 5)))
+    assert capped.stats["selection_clips"] == len(val) + 5     # a large corpus scores a fixed share of its clips
     with pytest.raises(ValueError, match="select_on"):
         _distill(train, iterations=1, workdir=tmp_path / "bad", params=FAST + (("select_on", "test"),))
+    if uars[0] == uars[1]:   # here they differ (0.25 / 0.3125); another CPU's rounding could tie them
+        pytest.skip(f"validation and training UAR tie ({uars[0]}): the mean cannot be told from either")
 
 
 def test_mtt_runs_and_learns_step_size(tmp_path):
