@@ -44,8 +44,8 @@ expert_epochs_ahead 1, syn_steps 4, anchor "expert" (or "student", see 3), path_
 RAVDESS IPC 10: 39.7 +- 5.1 % over three distillations against 41.0 +- 3.7 % without), lr_init 0.05, lr_img 0.03,
 lr_lr 0.01, lr_label 0.05, eval_every 10, eval_epochs 40, lr_factors (0.5, 1, 2), epoch_grid (20, 40, 80, 120),
 val_speakers 2 (held out of ``train`` when ``val`` is None).
-Default iterations: 40 (on RAVDESS the best validation score came at iteration 10-30 in every default run at
-IPC 1-20, so the 80 used before made the same sets in twice the time).
+Default iterations: 40 (on RAVDESS the best set came at iteration 10-30 in all six 80-iteration runs of the earlier
+default at IPC 1-20, and at 20-30 in the IPC-10 runs of this one; at IPC 1 and 20 its best came at iteration 40).
 
 >>> syn = distill_fixed_init(train, DistillConfig(ipc=10), model_cfg, theta0, val=val)  # doctest: +SKIP
 >>> syn.schedule.lr, syn.schedule.epochs  # doctest: +SKIP
