@@ -87,6 +87,17 @@ def fmt(res: Dict) -> str:
     return f"{100 * res['uar_mean']:5.1f} ± {100 * res['uar_std']:4.1f}"
 
 
+def plot_points(rows: List[Dict], label: str, init: str) -> List[Tuple[int, float, float]]:
+    """(IPC, UAR, ±) per IPC of ``label``: one set's mean ± std over evaluation seeds, or, where the set was
+    distilled several times, the mean ± std over those distillations (the real uncertainty)."""
+    pts = []
+    for ipc in sorted({r["ipc"] for r in rows if r["label"] == label}):
+        runs = [r[init] for r in rows if r["label"] == label and r["ipc"] == ipc]
+        means = [run["uar_mean"] for run in runs]
+        pts.append((ipc, float(np.mean(means)), float(np.std(means)) if len(runs) > 1 else runs[0]["uar_std"]))
+    return pts
+
+
 def plot(rows: List[Dict], full: Dict, path: Path, title: str) -> None:
     import matplotlib
 
@@ -103,7 +114,7 @@ def plot(rows: List[Dict], full: Dict, path: Path, title: str) -> None:
             ipcs.setdefault(r["label"], set()).add(r["ipc"])
         labels = sorted(lab for lab, seen in ipcs.items() if lab.partition(":")[0] in METHODS or len(seen) > 1)
         for label in labels:
-            pts = sorted((r["ipc"], r[init]["uar_mean"], r[init]["uar_std"]) for r in rows if r["label"] == label)
+            pts = plot_points(rows, label, init)
             if pts:
                 x, m, s = map(np.asarray, zip(*pts))
                 ax.errorbar(x, 100 * m, yerr=100 * s, marker="o", capsize=3, label=label)
@@ -124,8 +135,8 @@ def plot(rows: List[Dict], full: Dict, path: Path, title: str) -> None:
 
 def merge(paths: List[str], out: str, plot_path: Optional[str]) -> Dict:
     """Merge the JSON of several runs (or an earlier merge) into one: rows keyed by (label, IPC, distillation
-    seed), later files replacing earlier rows; the plot shows distillation seed 0 (the other seeds are rows
-    for mean ± std over distillation runs)."""
+    seed), later files replacing earlier rows; where a set was distilled several times the plot shows the mean ± std
+    over those distillations."""
     import json
 
     merged: Dict = {"rows": [], "runs": [], "full": {}}
@@ -146,9 +157,9 @@ def merge(paths: List[str], out: str, plot_path: Optional[str]) -> Dict:
             merged["rows"] = [r for r in merged["rows"] if (r["label"], r["ipc"], r["distill_seed"]) != key] + [row]
     write_json(out, merged)
     if plot_path:
-        rows = [r for r in merged["rows"] if r["distill_seed"] == 0]
-        plot(rows, merged["full"], Path(plot_path), f"{Path(str(merged.get('corpus'))).name}: test speakers "
-             f"{','.join(merged.get('test_speakers') or [])}; mean ± std over {len(merged.get('seeds') or [])} seeds")
+        plot(merged["rows"], merged["full"], Path(plot_path), f"{Path(str(merged.get('corpus'))).name}: test "
+             f"speakers {','.join(merged.get('test_speakers') or [])}; mean ± std over {len(merged.get('seeds') or [])}"
+             " seeds, or over distillations where a set was distilled several times")
     return merged
 
 

@@ -72,3 +72,27 @@ def test_pack_quick(tmp_path):
     members = row["members"]
     assert {"synthetic X", "labels", "golden", "theta0", "manifest", "signature"} <= set(members)
     assert sum(m["stored_bytes"] for m in members.values()) <= row["bytes"]
+
+
+def test_accuracy_merge_keeps_distillation_seeds_and_plots_their_spread(tmp_path):
+    """`benchmarks.accuracy --merge`: rows keyed by (label, IPC, distillation seed), a later file replacing a row; the
+    plot shows the mean ± std over distillations where there are several."""
+    sys.path.insert(0, str(REPO))
+    from benchmarks.accuracy import merge, plot_points
+
+    def run(path, seed, uar, label="fixed-init"):
+        res = {"uar_mean": uar, "uar_std": 0.01}
+        path.write_text(json.dumps({"argv": ["accuracy.py", "--distill-seed", str(seed)], "corpus": "c", "seeds": [0],
+                                    "test_speakers": ["9"], "full": {},
+                                    "rows": [{"label": label, "ipc": 10, "theta0": res, "random": res}]}))
+        return str(path)
+
+    files = [run(tmp_path / "a.json", 0, 0.40), run(tmp_path / "b.json", 1, 0.44), run(tmp_path / "c.json", 1, 0.46),
+             run(tmp_path / "d.json", 0, 0.30, label="random")]
+    merged = merge(files, str(tmp_path / "m.json"), str(tmp_path / "m.png"))
+    rows = {(r["label"], r["distill_seed"]): r["theta0"]["uar_mean"] for r in merged["rows"]}
+    assert rows == {("fixed-init", 0): 0.40, ("fixed-init", 1): 0.46, ("random", 0): 0.30}
+    assert (tmp_path / "m.png").stat().st_size > 1000
+    assert plot_points(merged["rows"], "fixed-init", "theta0") == [(10, pytest.approx(0.43), pytest.approx(0.03))]
+    assert plot_points(merged["rows"], "random", "theta0") == [(10, 0.30, 0.01)]   # one set: its seeds' spread
+    assert json.loads((tmp_path / "m.json").read_text())["rows"] == merged["rows"]
