@@ -277,9 +277,12 @@ def test_cli_ctrl_c_exits_cleanly_with_summary(linear_model, wav_44k_stereo):
     import signal
 
     env = dict(os.environ, PYTHONPATH=str(REPO))
+    # SIGINT back to its default in the child: a test run started in the background of a non-interactive shell
+    # (nohup ... &) inherits SIGINT ignored, and Python then keeps ignoring it, as a backgrounded listen should
     p = subprocess.Popen([sys.executable, "-m", "edge_ser", "listen", linear_model.path, "--file",
                           str(wav_44k_stereo), "--realtime", "--json"], stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True, env=env)
+                         stderr=subprocess.PIPE, text=True, env=env,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     first = p.stdout.readline()           # the first hop has been printed: the stream is running
     p.send_signal(signal.SIGINT)
     out, err = p.communicate(timeout=30)
