@@ -106,13 +106,13 @@ def plot(rows: List[Dict], full: Dict, path: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    # the methods, and any variant measured at two IPCs or more (single-IPC variants stay in the table)
+    ipcs: Dict[str, set] = {}
+    for r in rows:
+        ipcs.setdefault(r["label"], set()).add(r["ipc"])
+    labels = sorted(lab for lab, seen in ipcs.items() if lab.partition(":")[0] in METHODS or len(seen) > 1)
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
     for ax, init in zip(axes, ("theta0", "random")):
-        # the methods, and any variant measured at two IPCs or more (single-IPC variants stay in the table)
-        ipcs = {}
-        for r in rows:
-            ipcs.setdefault(r["label"], set()).add(r["ipc"])
-        labels = sorted(lab for lab, seen in ipcs.items() if lab.partition(":")[0] in METHODS or len(seen) > 1)
         for label in labels:
             pts = plot_points(rows, label, init)
             if pts:

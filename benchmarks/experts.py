@@ -37,6 +37,7 @@ def main(argv=None) -> int:
     import torch
 
     from edge_ser.distill.experts import ExpertConfig, expert_buffer, load_trajectory
+    from edge_ser.distill.fixed_init import EXPERT_LR
     from edge_ser.distill.mtt import split_validation
     from edge_ser.models import build_model, load_state_arrays
     from edge_ser.train import evaluate_arrays
@@ -48,7 +49,7 @@ def main(argv=None) -> int:
     model_cfg, theta0 = make_theta0(train)
     experts_train, val = split_validation(train, None, a.val_speakers)
     expert_cfg = ExpertConfig(epochs=a.expert_epochs, optimizer=a.optimizer,
-                              lr=a.lr if a.lr is not None else (0.3 if a.optimizer == "sgd" else 1e-3))
+                              lr=a.lr if a.lr is not None else EXPERT_LR[a.optimizer])
     paths = expert_buffer(experts_train, model_cfg, expert_cfg, theta0=theta0,
                           count=a.experts, threads=a.threads)
     rows = []

@@ -138,30 +138,26 @@ def train_schedule(model, X: np.ndarray, y: np.ndarray, schedule: Schedule, prog
             xb = Xt[idx]
             if schedule.augment:
                 xb = spec_augment(xb, model.input_norm.mean, gen)
+            opt.zero_grad(set_to_none=True)
             if micro_batch and micro_batch < len(idx):
-                opt.zero_grad(set_to_none=True)
                 for m in range(0, len(idx), micro_batch):
                     part = loss_fn(model(xb[m: m + micro_batch]), yt[idx[m: m + micro_batch]])
                     part = part * (len(idx[m: m + micro_batch]) / len(idx))
                     part.backward()
                     total += float(part.detach()) * len(idx)
-                opt.step()
-                if on_step:
-                    on_step()
-                continue
-            if lean:
-                loss = loss_fn(model.forward_chunked(xb, chunk_floats), yt[idx])
-                running = [b.detach().clone() for b in bn_stats]   # backward's recomputation updates them again
             else:
-                loss = loss_fn(model(xb), yt[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if lean:
-                with torch.no_grad():
-                    for b, r in zip(bn_stats, running):
-                        b.copy_(r)
+                if lean:
+                    loss = loss_fn(model.forward_chunked(xb, chunk_floats), yt[idx])
+                    running = [b.detach().clone() for b in bn_stats]   # backward's recomputation updates them again
+                else:
+                    loss = loss_fn(model(xb), yt[idx])
+                loss.backward()
+                if lean:
+                    with torch.no_grad():
+                        for b, r in zip(bn_stats, running):
+                            b.copy_(r)
+                total += float(loss.detach()) * len(idx)
             opt.step()
-            total += float(loss.detach()) * len(idx)
             if on_step:
                 on_step()
         history.append({"epoch": epoch + 1, "loss": total / n, "seconds": time.perf_counter() - t0})

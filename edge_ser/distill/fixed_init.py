@@ -66,6 +66,10 @@ from .mtt import (init_synthetic, load_checkpoint, make_bar, peak_rss_mb, save_c
                   select_schedule, setup_threads, split_validation, val_uar, workdir_for)
 
 
+#: the experts' learning rate when ``expert_lr`` is not given, per ``expert_optimizer``
+EXPERT_LR = {"sgd": 0.3, "adam": 1e-3}
+
+
 def teacher_soft_labels(X: np.ndarray, model_cfg: ModelConfig, states, temperature: float) -> np.ndarray:
     """Mean expert logits on ``X`` (eval mode), softened at ``temperature`` -> (N, C) float32 rows."""
     from ..models import build_model, load_state_arrays
@@ -139,7 +143,7 @@ def distill_fixed_init(train: FeatureSet, cfg: DistillConfig, model_cfg: ModelCo
     # 1. experts that all start at θ0
     expert_opt = str(P("expert_optimizer", "sgd"))
     expert_cfg = ExpertConfig(epochs=int(P("expert_epochs", 15)), optimizer=expert_opt,
-                              lr=float(P("expert_lr", 0.3 if expert_opt == "sgd" else 1e-3)))
+                              lr=float(P("expert_lr", EXPERT_LR.get(expert_opt, 1e-3))))
     paths = expert_buffer(train, model_cfg, expert_cfg, theta0=theta0, count=int(P("experts", 2)),
                           threads=cfg.threads or 2, progress=progress)
     experts = [load_trajectory(p) for p in paths]
@@ -301,7 +305,7 @@ def distill_fixed_init(train: FeatureSet, cfg: DistillConfig, model_cfg: ModelCo
             schedule, sel_uar = robust, uar
     stats = {"seconds": time.perf_counter() - t_start, "peak_rss_mb": peak_rss_mb(), "iterations": iterations,
              "history": history, "best_iteration": best.get("iteration"), "val_uar": sel_uar, "select_on": selection,
-             "selection_clips": sum(len(fs) for fs in (select_on if isinstance(select_on, tuple) else (select_on,))),
+             "selection_clips": len(val) + (len(scored) if selection == "val_train" else 0),
              "schedule_selection": table, "experts": [str(p) for p in paths], "workdir": str(wd),
              "val_speakers": val.speaker_ids(), "init_labels": y_hard.tolist()}
     y_out = np.asarray(best["y"], np.float32)
