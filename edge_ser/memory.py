@@ -5,7 +5,7 @@ autograd/oneDNN cost + bytes per training sample from the model's activation siz
 training runs on the *lean heap* (glibc gives every block of 1 MiB or more its own mapping and returns it
 when freed, so the peak follows live memory instead of the heap's high-water mark) and the planner takes
 the first that fits: (1) the pack's schedule as is; (2) the same schedule, chunked:
-``ConvNet.forward_chunked`` (channel groups recomputed in backward, bit-identical results), slower;
+``ConvNet.forward_chunked`` (channel groups recomputed in backward, the same results up to float rounding), slower;
 (3) micro-batches with accumulated gradients (BatchNorm statistics per micro-batch: not exact); or it
 refuses before training starts, with the numbers. Without a budget: the schedule as is, default heap.
 

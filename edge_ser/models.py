@@ -83,8 +83,8 @@ class ConvNet(nn.Module):
         floats of activations, each group recomputed in backward (activation checkpointing): autograd keeps
         only the pooled block outputs, and one group's full-resolution tensors exist at a time. BatchNorm
         statistics are per channel, so every group still normalises over the whole batch. Results equal
-        ``forward``'s up to float summation order; with oneDNN on x86-64 they have been bit for bit
-        identical (tested for the default model; RAVDESS pack: golden deviation 0.0). The
+        ``forward``'s up to float summation order (tested for the default model); with oneDNN they were bit
+        for bit identical on one x86-64 CPU (RAVDESS pack: golden deviation 0.0), a ulp apart on an AVX2 EPYC. The
         recomputation updates BatchNorm's running statistics a second time: callers snapshot them after the
         forward and restore them after backward (``schedule.train_schedule`` does).
         """

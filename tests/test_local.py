@@ -166,11 +166,11 @@ def test_forward_chunked_is_forward_with_less_memory():
         torch.testing.assert_close(b.eval().forward_chunked(x, smallest), a.eval()(x), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.skipif(__import__("platform").machine() not in ("x86_64", "AMD64"),
-                    reason="bit-identity of grouped convolutions is established for oneDNN on x86-64 only")
-def test_lean_training_is_bit_identical_for_the_default_model():
+def test_lean_training_matches_plain_training_for_the_default_model():
     """The default model with the group size 80 samples would get (the first two blocks split): a few
-    schedule steps give exactly the same weights and running statistics (oneDNN, x86-64)."""
+    schedule steps give the same weights and running statistics up to float summation order. (On the CPU of
+    earlier sessions oneDNN made them bit for bit identical; on an AVX2 AMD EPYC the classifier bias differed
+    by one ulp after three steps, so bit-identity is not something to promise.)"""
     import torch
 
     from edge_ser.config import FeatureConfig, default_model_config
@@ -189,8 +189,11 @@ def test_lean_training_is_bit_identical_for_the_default_model():
     train_schedule(lean, X, y, sched, chunk_floats=chunk)
     first, second = state_arrays(plain), state_arrays(lean)
     assert first.keys() == second.keys()
+    moved = 0
     for k in first:
-        assert np.array_equal(first[k], second[k]), k
+        np.testing.assert_allclose(second[k], first[k], rtol=1e-5, atol=1e-6, err_msg=k)
+        moved += int(not np.array_equal(first[k], build_model(cfg, seed=1).state_dict()[k].numpy()))
+    assert moved > len(first) // 2       # the steps really changed the weights being compared
 
 
 @pytest.mark.parametrize("kind", ["sgd", "sgd-momentum-wd", "adam", "adam-wd"])
