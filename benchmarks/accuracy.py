@@ -9,8 +9,9 @@ Each distillation runs in a spawned child process (``benchmarks._common.run_in_c
 is the whole process (torch included). Each set is then trained with its own schedule from θ0
 (``build_model(model_cfg, seed=0)`` + training input stats; the schedule's seed varied) and from random
 inits (``seed=1000+s``), and scored on the test speakers (``edge_ser.distill.evaluate``). A method may
-carry params: ``dm:theta0_prob=0.5`` (several joined with ``+``). Writes JSON (--out) and a PNG plot
-(--plot; accuracy vs IPC per method, full-data line).
+carry params: ``dm:theta0_prob=0.5`` (several joined with ``+``; a tuple with ``/``). Writes JSON (--out);
+``--merge`` gathers runs into results/accuracy.json and redraws accuracy.png (accuracy vs IPC per method,
+full-data line; ``--plot`` names another file, and makes a single run draw one too).
 """
 from __future__ import annotations
 
@@ -30,16 +31,22 @@ RAVDESS = HERE.parent.parent / "shared" / "corpora" / "ravdess"
 
 
 def parse_method(spec: str) -> Tuple[str, Tuple[Tuple[str, object], ...]]:
-    """``"dm:theta0_prob=0.5+batch_real=16"`` -> ("dm", (("theta0_prob", 0.5), ("batch_real", 16)))."""
+    """``"dm:theta0_prob=0.5+batch_real=16"`` -> ("dm", (("theta0_prob", 0.5), ("batch_real", 16))).
+
+    A value with ``/`` is a tuple (``--methods`` splits on ``,``): ``"fixed-init:epoch_grid=40/80"`` ->
+    ("fixed-init", (("epoch_grid", (40, 80)),)).
+    """
+    def literal(text: str):
+        try:
+            return ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            return text
+
     name, _, rest = spec.partition(":")
     params = []
     for kv in filter(None, rest.split("+")):
         key, _, value = kv.partition("=")
-        try:
-            value = ast.literal_eval(value)
-        except (ValueError, SyntaxError):
-            pass
-        params.append((key.strip(), value))
+        params.append((key.strip(), tuple(literal(v) for v in value.split("/")) if "/" in value else literal(value)))
     return name.strip(), tuple(params)
 
 
@@ -180,12 +187,14 @@ def main(argv=None) -> int:
                          "like-for-like MTT row: --arch cnn6 --methods mtt; hours of CPU per expert)")
     ap.add_argument("--quick", action="store_true", help="CI smoke run on a small slice (< 3 min)")
     ap.add_argument("--out", default=str(HERE / "results" / "accuracy.json"))
-    ap.add_argument("--plot", default=str(HERE / "accuracy.png"))
+    ap.add_argument("--plot", default=None,
+                    help="accuracy-vs-IPC plot to write (default: benchmarks/accuracy.png with --merge; a single "
+                         "run draws none, so a run written elsewhere never replaces the committed plot)")
     ap.add_argument("--merge", nargs="+", metavar="JSON",
                     help="only merge these runs' JSON (and earlier merges) into --out and re-plot; runs nothing")
     a = ap.parse_args(argv)
     if a.merge:
-        merged = merge(a.merge, a.out, a.plot)
+        merged = merge(a.merge, a.out, a.plot or str(HERE / "accuracy.png"))
         print(f"merged {len(merged['rows'])} rows from {len(a.merge)} files into {a.out}")
         return 0
 

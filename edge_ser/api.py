@@ -72,8 +72,11 @@ def golden_tolerance(logits: np.ndarray) -> float:
 
 def pack(corpus, output, method: Optional[str] = None, ipc: int = 10, test_speakers=None, seed: int = 0,
          fmt: Optional[str] = None, key=None, model: str = "convnet", iterations: Optional[int] = None,
-         progress: bool = True) -> dict:
+         progress: bool = True, params: Optional[dict] = None) -> dict:
     """Distil ``corpus`` (a path, or ``"demo"``) into a signed pack at ``output``.
+
+    ``params`` are the method's own settings (its module docstring lists them), e.g. fixed-init's
+    ``{"epoch_grid": (80, 120)}`` to keep the device's schedule at 120 steps or fewer.
 
     Held-out speakers (``test_speakers``, e.g. ``"19-24"``; default the last quarter) never enter
     distillation. Signs with ``key`` (default ``$EDGE_SER_HOME/signing.key`` or
@@ -100,7 +103,8 @@ def pack(corpus, output, method: Optional[str] = None, ipc: int = 10, test_speak
     if ipc < 1:
         raise ValueError("--ipc must be at least 1")
     output = Path(output)
-    cfg = DistillConfig(method=method or DEFAULT_METHOD, ipc=int(ipc), iterations=iterations, seed=int(seed))
+    cfg = DistillConfig(method=method or DEFAULT_METHOD, ipc=int(ipc), iterations=iterations, seed=int(seed),
+                        params=tuple(sorted((params or {}).items())))
 
     # the key first: failing after a long distillation would waste the user's time
     key_note = None
@@ -162,7 +166,8 @@ def pack(corpus, output, method: Optional[str] = None, ipc: int = 10, test_speak
         "corpus": corp.name, "corpus_format": corp.format, "corpus_utterances": int(len(fs)),
         "corpus_bytes": corpus_bytes, "train_speakers": train.speaker_ids(), "test_speakers": test.speaker_ids(),
         "train_utterances": int(len(train)), "method": syn.method, "ipc": int(syn.ipc), "seed": int(seed),
-        "iterations": iterations, "versions": _versions(), "created_ms": created_ms,
+        "iterations": iterations, "params": _jsonable(dict(cfg.params)), "versions": _versions(),
+        "created_ms": created_ms,
         "golden": f"logits of θ0 trained with the schedule on synthetic samples {gidx.tolist()}",
         "distill_stats": _jsonable(syn.stats), "distill_seconds": round(distill_seconds, 2),
         "problems": len(problems),

@@ -84,7 +84,25 @@ def cmd_pack(a):
     from .api import pack
 
     return pack(a.corpus, a.output, method=a.method, ipc=a.ipc, test_speakers=a.test_speakers, seed=a.seed,
-                fmt=a.format, key=a.key, model=a.model, iterations=a.iterations, progress=not a.json), None
+                fmt=a.format, key=a.key, model=a.model, iterations=a.iterations, progress=not a.json,
+                params=parse_params(a.param)), None
+
+
+def parse_params(items) -> dict:
+    """``["epoch_grid=80,120", "lr_img=0.01"]`` -> ``{"epoch_grid": (80, 120), "lr_img": 0.01}`` (Python literals;
+    anything else stays a string)."""
+    import ast
+
+    out = {}
+    for item in items or ():
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip():
+            raise ValueError(f"--param wants KEY=VALUE, got {item!r}")
+        try:
+            out[key.strip()] = ast.literal_eval(value.strip())
+        except (ValueError, SyntaxError):
+            out[key.strip()] = value.strip()
+    return out
 
 
 def cmd_pack_inspect(a):
@@ -188,6 +206,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--key", help="Ed25519 private key to sign with (default: ~/.config/edge-ser/signing.key)")
     sp.add_argument("--model", default="convnet", help="model architecture: convnet (default) or cnn6")
     sp.add_argument("--iterations", type=int, default=None, help="distillation iterations (default: method's)")
+    sp.add_argument("--param", action="append", metavar="KEY=VALUE",
+                    help="a method setting, repeatable, e.g. --param epoch_grid=80,120 (fixed-init: the device's "
+                         "step counts to choose from); see the method's docs (edge_ser/distill/)")
 
     psub_inspect = sub.add_parser("pack-inspect", help=argparse.SUPPRESS, parents=[common])
     psub_inspect.add_argument("pack")

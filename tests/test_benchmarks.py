@@ -96,3 +96,29 @@ def test_accuracy_merge_keeps_distillation_seeds_and_plots_their_spread(tmp_path
     assert plot_points(merged["rows"], "fixed-init", "theta0") == [(10, pytest.approx(0.43), pytest.approx(0.03))]
     assert plot_points(merged["rows"], "random", "theta0") == [(10, 0.30, 0.01)]   # one set: its seeds' spread
     assert json.loads((tmp_path / "m.json").read_text())["rows"] == merged["rows"]
+
+
+def test_accuracy_method_specs_parse_numbers_flags_and_tuples():
+    from benchmarks.accuracy import parse_method
+
+    assert parse_method("random") == ("random", ())
+    name, params = parse_method("fixed-init:epoch_grid=40/80+lr_factors=0.5/1+select_on=val_train+teacher_labels=True")
+    assert name == "fixed-init"
+    assert dict(params) == {"epoch_grid": (40, 80), "lr_factors": (0.5, 1), "select_on": "val_train",
+                            "teacher_labels": True}
+
+
+def test_schedule_sweep_scores_every_grid_point(tmp_path):
+    """`benchmarks.schedule_sweep` on the built-in corpus, a random subset, a 1 x 2 grid: one row per (lr, steps)
+    with the selection score = mean of the validation and training speakers' UAR."""
+    out = tmp_path / "sweep.json"
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.schedule_sweep", "--corpus", "demo", "--ipc", "2",
+                           "--sets", "random:0", "--lrs", "0.1", "--steps", "1,3", "--out", str(out)],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["set"], r["lr"], r["steps"]) for r in rows] == [("random:0", 0.1, 1), ("random:0", 0.1, 3)]
+    for r in rows:
+        assert r["select_score"] == (r["val_uar"] + r["train_uar"]) / 2
+        assert 0.0 <= r["test_uar"] <= 1.0

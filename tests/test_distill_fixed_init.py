@@ -18,8 +18,8 @@ from edge_ser.train import evaluate_arrays  # noqa: E402
 
 # tiny settings: few expert epochs and iterations; the model and features stay the product's
 FAST = (("experts", 1), ("expert_epochs", 2), ("max_start_epoch", 1), ("syn_steps", 1), ("eval_every", 2),
-        ("eval_epochs", 2), ("epoch_grid", (2, 4)), ("lr_factors", (1.0,)), ("train_epochs", 2), ("val_speakers", 1),
-        ("init_select", "random"))
+        ("eval_epochs", 2), ("epoch_grid", (2, 4)), ("lr_factors", (1.0,)), ("lr_grid", ()), ("train_epochs", 2),
+        ("val_speakers", 1), ("init_select", "random"))
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -133,6 +133,7 @@ def test_selection_on_validation_and_training_speakers(tmp_path):
     uars = [evaluate_arrays(model, fs.X, fs.y, cfg.num_classes)["uar"] for fs in (val, fit)]
     assert syn.stats["val_uar"] == pytest.approx(np.mean(uars), abs=1e-6)
     assert syn.stats["selection_clips"] == len(val) + len(fit)
+
     capped, _, _ = _distill(train, iterations=1, workdir=tmp_path / "cap",
                             params=FAST + (("select_on", "val_train"), ("select_train_max", 5)))
     assert capped.stats["selection_clips"] == len(val) + 5     # a large corpus scores a fixed share of its clips
@@ -141,6 +142,20 @@ def test_selection_on_validation_and_training_speakers(tmp_path):
     if uars[0] == uars[1]:   # here they differ (0.25 / 0.3125); another CPU's rounding could tie them
         pytest.skip(f"validation and training UAR tie ({uars[0]}): the mean cannot be told from either")
 
+
+def test_schedule_grid_tries_the_learned_and_the_fixed_step_sizes(tmp_path):
+    """The device schedule is chosen among the learned step size (x lr_factors) and every lr_grid step size, for
+    every epoch count; the shipped schedule is the best-scoring row."""
+    train = _toy()
+    syn, _, _ = _distill(train, iterations=2, workdir=tmp_path,
+                         params=FAST + (("epoch_grid", (1, 3)), ("lr_grid", (0.3, 0.7))))
+    table = syn.stats["schedule_selection"]
+    learned = next(h["lr"] for h in syn.stats["history"] if h["iteration"] == syn.stats["best_iteration"])
+    assert len(table) == 6
+    for row, (lr, epochs) in zip(table, [(v, e) for v in (learned, 0.3, 0.7) for e in (1, 3)]):
+        assert (row["lr"], row["epochs"]) == (pytest.approx(lr, rel=1e-5), epochs)
+    best = max(table, key=lambda r: r["val_uar"])
+    assert (syn.schedule.lr, syn.schedule.epochs) == (pytest.approx(best["lr"]), best["epochs"])
 
 def test_mtt_runs_and_learns_step_size(tmp_path):
     train = _toy()
@@ -188,7 +203,7 @@ def test_distilled_beats_random_subset_on_heldout_speakers(ravdess_features, tmp
     test = pick(test_all, ["Actor_19", "Actor_20"])
     cfg, theta0 = _theta0(train)
     params = (("experts", 1), ("expert_epochs", 4), ("max_start_epoch", 2), ("syn_steps", 1), ("eval_every", 4),
-              ("eval_epochs", 10), ("epoch_grid", (10, 20)), ("lr_factors", (1.0,)),
+              ("eval_epochs", 10), ("epoch_grid", (10, 20)), ("lr_factors", (1.0,)), ("lr_grid", ()),
               ("teacher_labels", False))
     distilled, random_ = [], []
     for seed in (0, 1):

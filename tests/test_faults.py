@@ -326,6 +326,23 @@ def test_single_speaker_refused_at_split(tmp_path, home):
     assert not out.exists()
 
 
+def test_pack_param_reaches_the_method_and_is_recorded(tmp_path, home):
+    """`pack --param KEY=VALUE`: the method gets it (random's ``steps`` sets the device's step count), the pack's
+    provenance records it; a malformed one is one error line and no pack."""
+    root = small_corpus(tmp_path / "c", speakers=("anna", "bob", "cleo"), per=2)
+    env = {"EDGE_SER_CACHE": str(tmp_path / "cache")}
+    base = ("pack", root, "--method", "random", "--ipc", "1", "--test-speakers", "cleo", "--key", home["private_key"])
+    out = tmp_path / "p.pack"
+    proc = cli(*base, "-o", out, "--param", "steps=20", "--param", "note=80,120", "--json", env=env, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    shown = json.loads(cli("pack", "inspect", out, "--json", env=env).stdout.strip().splitlines()[-1])
+    assert shown["provenance"]["params"] == {"note": [80, 120], "steps": 20}
+    assert shown["schedule"]["epochs"] == 20          # 2 clips, full batch: 20 steps = 20 epochs
+    bad = tmp_path / "bad.pack"
+    assert "--param wants KEY=VALUE, got 'steps'" in one_error_line(
+        cli(*base, "-o", bad, "--param", "steps", env=env, timeout=180))
+    assert not bad.exists()
+
 def test_unknown_labels_are_one_line_each(tmp_path):
     """File-name conventions with codes outside the corpus's vocabulary: one problem line each."""
     from edge_ser.corpora import load_features, open_corpus

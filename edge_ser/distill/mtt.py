@@ -85,6 +85,11 @@ def init_synthetic(train: FeatureSet, ipc: int, init: str, seed: int) -> Tuple[n
     return X, np.asarray(y, dtype=np.int64)
 
 
+#: part of every checkpoint key: bump it when a method's defaults change what its checkpoints mean, so a run does
+#: not resume from one written under other defaults (2: fixed-init compares sets trained to convergence)
+CHECKPOINT_VERSION = 2
+
+
 def workdir_for(cfg: DistillConfig, model_cfg: ModelConfig, train: FeatureSet, theta0, workdir) -> Path:
     """``workdir`` or ``cache_dir()/distill/<hash of config, model, data and θ0>``."""
     if workdir is not None:
@@ -96,8 +101,8 @@ def workdir_for(cfg: DistillConfig, model_cfg: ModelConfig, train: FeatureSet, t
 
         # threads and iterations stay out of the key: a run may resume with other threads or run longer
         settings = {k: v for k, v in cfg.to_dict().items() if k not in ("threads", "iterations")}
-        key = json.dumps({"cfg": settings, "model": model_cfg.to_dict(), "data": data_sha256(train),
-                          "theta0": state_sha256(theta0)}, sort_keys=True, default=str)
+        key = json.dumps({"version": CHECKPOINT_VERSION, "cfg": settings, "model": model_cfg.to_dict(),
+                          "data": data_sha256(train), "theta0": state_sha256(theta0)}, sort_keys=True, default=str)
         path = cache_dir() / "distill" / hashlib.sha256(key.encode()).hexdigest()[:16]
     path.mkdir(parents=True, exist_ok=True)
     return path
@@ -145,8 +150,9 @@ def val_uar(X, y, schedule: Schedule, model_cfg: ModelConfig, theta0, val) -> fl
 
 
 def select_schedule(X, y, schedule: Schedule, model_cfg: ModelConfig, theta0, val,
-                    lr_factors=(1.0,), epoch_grid=(10, 20, 30, 40)) -> Tuple[Schedule, float, List[Dict]]:
+                    lr_factors=(1.0,), epoch_grid=(10, 20, 30, 40), extra_lrs=()) -> Tuple[Schedule, float, List[Dict]]:
     """Pick the (lr, epochs) with the best validation UAR, training θ0 exactly as ``train_schedule`` does.
+    The step sizes tried: ``schedule.lr`` times each of ``lr_factors``, and each of ``extra_lrs``.
 
     For stateless full-batch SGD without augmentation, training ``e2`` epochs equals training ``e1``
     then ``e2 - e1`` more, so one run per lr scores every epoch count in ``epoch_grid``.
@@ -157,8 +163,8 @@ def select_schedule(X, y, schedule: Schedule, model_cfg: ModelConfig, theta0, va
     chainable = (schedule.optimizer == "sgd" and schedule.momentum == 0 and schedule.weight_decay == 0
                  and not schedule.augment and (schedule.batch_size == 0 or schedule.batch_size >= len(X)))
     table, best = [], (-1.0, schedule)
-    for f in lr_factors:
-        lr = schedule.lr * f
+    lrs = [schedule.lr * f for f in lr_factors] + [float(v) for v in extra_lrs]
+    for lr in dict.fromkeys(lrs):
         model = load_state_arrays(build_model(model_cfg, 0), theta0)
         done = 0
         for e in sorted(epoch_grid):
