@@ -33,7 +33,6 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=str(HERE / "results" / "schedule_sweep.json"))
     a = ap.parse_args(argv)
 
-    import numpy as np
     import torch
 
     from edge_ser.distill.experts import ExpertConfig, expert_buffer, load_trajectory
