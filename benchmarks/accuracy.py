@@ -67,6 +67,22 @@ def load_split(corpus: str, test_speakers: Optional[str], quick: bool):
     return train, test, held
 
 
+def default_corpus() -> str:
+    """RAVDESS when it is there, else the built-in synthetic demo corpus."""
+    return str(RAVDESS) if (RAVDESS / "Actor_01").is_dir() else "demo"
+
+
+def fixed_init_split(corpus: str, test_speakers: Optional[str], val_speakers: int):
+    """What fixed-init sees of ``corpus``: (train, test, held, model_cfg, theta0, fit, val); ``val`` is the last
+    ``val_speakers`` training speakers, ``fit`` the rest (what its experts train on)."""
+    from edge_ser.distill.mtt import split_validation
+
+    train, test, held = load_split(corpus, test_speakers, False)
+    model_cfg, theta0 = make_theta0(train)
+    fit, val = split_validation(train, None, val_speakers)
+    return train, test, held, model_cfg, theta0, fit, val
+
+
 def make_theta0(train, seed: int = 0, arch: str = "convnet"):
     from edge_ser.config import default_model_config
     from edge_ser.models import build_model, input_stats, set_input_stats, state_arrays
@@ -209,7 +225,7 @@ def main(argv=None) -> int:
         a.ipc = a.ipc if "--ipc" in (argv or sys.argv) else "1,2"
         a.seeds, a.iterations = 1, a.iterations or 3
         a.full_epochs = min(a.full_epochs, 2)
-    corpus = a.corpus or (str(RAVDESS) if (RAVDESS / "Actor_01").is_dir() else "demo")
+    corpus = a.corpus or default_corpus()
     info = print_machine_info()
     train, test, held = load_split(corpus, a.test_speakers, a.quick)
     model_cfg, theta0 = make_theta0(train, arch=a.arch)

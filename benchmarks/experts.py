@@ -17,7 +17,7 @@ import argparse
 import sys
 
 from ._common import print_machine_info, write_json
-from .accuracy import HERE, RAVDESS, load_split, make_theta0
+from .accuracy import HERE, default_corpus, fixed_init_split
 
 
 def main(argv=None) -> int:
@@ -38,16 +38,13 @@ def main(argv=None) -> int:
 
     from edge_ser.distill.experts import ExpertConfig, expert_buffer, load_trajectory
     from edge_ser.distill.fixed_init import EXPERT_LR
-    from edge_ser.distill.mtt import split_validation
     from edge_ser.models import build_model, load_state_arrays
     from edge_ser.train import evaluate_arrays
 
     torch.set_num_threads(a.threads)
-    corpus = a.corpus or (str(RAVDESS) if (RAVDESS / "Actor_01").is_dir() else "demo")
+    corpus = a.corpus or default_corpus()
     info = print_machine_info()
-    train, test, held = load_split(corpus, a.test_speakers, False)
-    model_cfg, theta0 = make_theta0(train)
-    experts_train, val = split_validation(train, None, a.val_speakers)
+    _, test, held, model_cfg, theta0, experts_train, val = fixed_init_split(corpus, a.test_speakers, a.val_speakers)
     expert_cfg = ExpertConfig(epochs=a.expert_epochs, optimizer=a.optimizer,
                               lr=a.lr if a.lr is not None else EXPERT_LR[a.optimizer])
     paths = expert_buffer(experts_train, model_cfg, expert_cfg, theta0=theta0,

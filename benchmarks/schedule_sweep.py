@@ -17,7 +17,7 @@ import argparse
 import sys
 
 from ._common import print_machine_info, write_json
-from .accuracy import HERE, RAVDESS, load_split, make_theta0
+from .accuracy import HERE, default_corpus, fixed_init_split
 
 
 def main(argv=None) -> int:
@@ -37,16 +37,14 @@ def main(argv=None) -> int:
 
     from edge_ser.distill.experts import ExpertConfig, expert_buffer, load_trajectory
     from edge_ser.distill.fixed_init import EXPERT_LR, herding_init
-    from edge_ser.distill.mtt import init_synthetic, score, split_validation
+    from edge_ser.distill.mtt import init_synthetic, score
     from edge_ser.models import build_model, load_state_arrays
     from edge_ser.schedule import Schedule, train_schedule
 
     torch.set_num_threads(a.threads)
-    corpus = a.corpus or (str(RAVDESS) if (RAVDESS / "Actor_01").is_dir() else "demo")
+    corpus = a.corpus or default_corpus()
     info = print_machine_info()
-    train, test, held = load_split(corpus, a.test_speakers, False)
-    model_cfg, theta0 = make_theta0(train)
-    fit, val = split_validation(train, None, a.val_speakers)
+    _, test, held, model_cfg, theta0, fit, val = fixed_init_split(corpus, a.test_speakers, a.val_speakers)
     C = model_cfg.num_classes
     lrs = [float(v) for v in a.lrs.split(",")]
     steps = sorted(int(v) for v in a.steps.split(","))
