@@ -76,7 +76,7 @@ def pack(corpus, output, method: Optional[str] = None, ipc: int = 10, test_speak
     """Distil ``corpus`` (a path, or ``"demo"``) into a signed pack at ``output``.
 
     ``params`` are the method's own settings (its module docstring lists them), e.g. fixed-init's
-    ``{"epoch_grid": (80, 120)}`` to keep the device's schedule at 120 steps or fewer.
+    ``{"epoch_grid": (80, 120)}`` to keep the device's schedule at 120 epochs or fewer.
 
     Held-out speakers (``test_speakers``, e.g. ``"19-24"``; default the last quarter) never enter
     distillation. Signs with ``key`` (default ``$EDGE_SER_HOME/signing.key`` or

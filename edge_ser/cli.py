@@ -208,7 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--iterations", type=int, default=None, help="distillation iterations (default: method's)")
     sp.add_argument("--param", action="append", metavar="KEY=VALUE",
                     help="a method setting, repeatable, e.g. --param epoch_grid=80,120 (fixed-init: the device's "
-                         "step counts to choose from); see the method's docs (edge_ser/distill/)")
+                         "epoch counts to choose from); see the method's docs (edge_ser/distill/)")
 
     psub_inspect = sub.add_parser("pack-inspect", help=argparse.SUPPRESS, parents=[common])
     psub_inspect.add_argument("pack")

@@ -4,7 +4,9 @@ device needs to train and check itself. Writing, safe loading (no code execution
 Container (format 1.x): a ZIP archive (stored or deflated members only) holding
 
 ==========================  =================================================================
-``manifest.json``           format, format_version (semver), sequence, configs, classes, schedule,
+``manifest.json``           format, format_version (semver), sequence, configs, classes, schedule (its
+                            ``shift``, a time-shift augmentation, is format >= 1.2: an older edge-ser
+                            refuses such a pack rather than train without it),
                             provenance, theta0_sha256, golden_tolerance and, per member, its
                             SHA-256, byte length, dtype and shape
 ``signature.json``          optional: ``{"algorithm": "ed25519", "key_id", "signature" (base64)}``
@@ -51,7 +53,7 @@ from .config import FeatureConfig, ModelConfig
 from .schedule import Schedule
 
 FORMAT = "edge-ser-pack"
-FORMAT_VERSION = "1.1.0"
+FORMAT_VERSION = "1.2.0"
 SUPPORTED_MAJOR = 1
 MANIFEST = "manifest.json"
 SIGNATURE = "signature.json"

@@ -28,6 +28,8 @@ class Schedule(_JsonMixin):
     batch_size: int = 0         # 0: the whole synthetic set in every step
     augment: bool = False       # SpecAugment-style masking on the synthetic set
     seed: int = 0
+    shift: int = 0              # roll each example along time by up to this many frames (pack format >= 1.2)
+    decay: str = "none"         # "none": constant lr; "cosine": lr * (1 + cos(pi * step / steps)) / 2 (>= 1.2)
 
     def __post_init__(self):
         if self.optimizer not in ("sgd", "adam"):
@@ -36,6 +38,23 @@ class Schedule(_JsonMixin):
             raise ValueError(f"schedule lr must be a positive finite number, got {self.lr!r}")
         if self.epochs < 1 or self.batch_size < 0:
             raise ValueError("schedule needs epochs >= 1 and batch_size >= 0")
+        if self.decay not in ("none", "cosine"):
+            raise ValueError(f"schedule decay must be 'none' or 'cosine', got {self.decay!r}")
+        if not (isinstance(self.shift, (int, np.integer)) and self.shift >= 0):
+            raise ValueError(f"schedule shift must be a whole number of frames >= 0, got {self.shift!r}")
+
+    def to_dict(self) -> dict:
+        d = super().to_dict()
+        for key, off in (("shift", 0), ("decay", "none")):
+            if d[key] == off:
+                del d[key]      # so a schedule without them still reads on edge-ser before pack format 1.2
+        return d
+
+    def lr_at(self, step: int, total: int) -> float:
+        """The step size of optimiser step ``step`` (0-based) of ``total``."""
+        if self.decay == "cosine":
+            return float(self.lr * 0.5 * (1.0 + np.cos(np.pi * step / max(1, total))))
+        return float(self.lr)
 
     def steps(self, n: int) -> int:
         """Optimiser steps for a synthetic set of ``n`` samples."""
@@ -59,6 +78,7 @@ class DeviceOptimizer:
     def __init__(self, params, schedule: Schedule):
         self.params = list(params)
         self.schedule = schedule
+        self.lr = float(schedule.lr)            # the current step size (train_schedule sets it every step)
         self.state: List[Optional[object]] = [None] * len(self.params)   # momentum buffer, or Adam's moments
         self.steps = [0] * len(self.params)     # per parameter, as torch.optim counts them (updates it got)
 
@@ -84,7 +104,7 @@ class DeviceOptimizer:
                             self.state[i] = grad = grad.detach().clone()
                         else:
                             grad = self.state[i].mul_(s.momentum).add_(grad, alpha=1)
-                    p.add_(grad, alpha=-s.lr)
+                    p.add_(grad, alpha=-self.lr)
                     continue
                 if self.state[i] is None:
                     self.state[i] = (torch.zeros_like(p, memory_format=torch.preserve_format),
@@ -94,7 +114,7 @@ class DeviceOptimizer:
                 exp_avg.lerp_(grad, 1 - beta1)
                 exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
                 step = float(self.steps[i])
-                step_size = s.lr / (1 - beta1 ** step)
+                step_size = self.lr / (1 - beta1 ** step)
                 denom = (exp_avg_sq.sqrt() / (1 - beta2 ** step) ** 0.5).add_(self.EPS)
                 p.addcdiv_(exp_avg, denom, value=-step_size)
 
@@ -112,7 +132,7 @@ def train_schedule(model, X: np.ndarray, y: np.ndarray, schedule: Schedule, prog
     """
     import torch
 
-    from .train import loss_fn, spec_augment
+    from .train import loss_fn, spec_augment, time_shift
 
     gen = torch.Generator().manual_seed(schedule.seed)
     Xt = torch.as_tensor(np.asarray(X, dtype=np.float32))
@@ -120,6 +140,7 @@ def train_schedule(model, X: np.ndarray, y: np.ndarray, schedule: Schedule, prog
     n = len(Xt)
     bs = n if schedule.batch_size in (0, None) or schedule.batch_size >= n else schedule.batch_size
     opt = DeviceOptimizer(model.parameters(), schedule)
+    total_steps, step_no = schedule.steps(n), 0
     history: List[Dict] = []
     bar = None
     if progress:
@@ -136,6 +157,8 @@ def train_schedule(model, X: np.ndarray, y: np.ndarray, schedule: Schedule, prog
         for s in range(0, n, bs):
             idx = order[s: s + bs]
             xb = Xt[idx]
+            if schedule.shift:
+                xb = time_shift(xb, schedule.shift, gen)
             if schedule.augment:
                 xb = spec_augment(xb, model.input_norm.mean, gen)
             opt.zero_grad(set_to_none=True)
@@ -157,7 +180,9 @@ def train_schedule(model, X: np.ndarray, y: np.ndarray, schedule: Schedule, prog
                         for b, r in zip(bn_stats, running):
                             b.copy_(r)
                 total += float(loss.detach()) * len(idx)
+            opt.lr = schedule.lr_at(step_no, total_steps)
             opt.step()
+            step_no += 1
             if on_step:
                 on_step()
         history.append({"epoch": epoch + 1, "loss": total / n, "seconds": time.perf_counter() - t0})

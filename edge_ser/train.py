@@ -39,6 +39,16 @@ def spec_augment(x: torch.Tensor, fill: torch.Tensor, gen: torch.Generator,
     return x
 
 
+def time_shift(x: torch.Tensor, max_shift: int, gen: torch.Generator) -> torch.Tensor:
+    """Roll every example along time by its own whole number of frames in ``[-max_shift, max_shift]``
+    (circular: the frames pushed off one end come back at the other, as a repeated clip would).
+    Differentiable in ``x`` (a gather), so the distiller can unroll through it."""
+    b, n_mels, frames = x.shape
+    shifts = torch.randint(-int(max_shift), int(max_shift) + 1, (b,), generator=gen)
+    index = (torch.arange(frames)[None, :] - shifts[:, None]) % frames
+    return torch.gather(x, 2, index[:, None, :].expand(b, n_mels, frames))
+
+
 def loss_fn(logits: torch.Tensor, target: torch.Tensor, weight: Optional[torch.Tensor] = None,
             label_smoothing: float = 0.0) -> torch.Tensor:
     """Cross-entropy for hard labels (int) or soft labels (float rows summing to 1)."""

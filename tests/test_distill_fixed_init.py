@@ -215,3 +215,67 @@ def test_distilled_beats_random_subset_on_heldout_speakers(ravdess_features, tmp
         idx = np.concatenate([rng.choice(np.flatnonzero(train.y == c), 2, replace=False) for c in range(4)])
         random_.append(_uar_from_theta0(train.X[idx], train.y[idx], syn.schedule, cfg, theta0, test))
     assert np.mean(distilled) > np.mean(random_), (distilled, random_)
+
+
+def test_time_shift_rolls_each_clip_by_its_own_bounded_amount():
+    """The device's time shift: every clip is a circular roll of itself by at most max_shift frames, clips
+    draw their own shifts from the generator, and gradients flow (the distiller unrolls through it)."""
+    import torch
+
+    from edge_ser.train import time_shift
+
+    x = torch.arange(6 * 2 * 40, dtype=torch.float32).reshape(6, 2, 40).requires_grad_(True)
+    out = time_shift(x, 5, torch.Generator().manual_seed(3))
+    shifts = []
+    for i in range(6):
+        match = [s for s in range(-5, 6) if torch.equal(out[i], torch.roll(x[i], s, dims=1))]
+        assert len(match) == 1, i
+        shifts.append(match[0])
+    assert len(set(shifts)) > 1
+    assert torch.equal(out, time_shift(x, 5, torch.Generator().manual_seed(3)))
+    out.sum().backward()
+    assert torch.equal(x.grad, torch.ones_like(x))
+
+
+def test_schedule_shift_and_decay_round_trip_and_stay_readable_when_off():
+    plain = Schedule(lr=0.1, epochs=5)
+    assert "shift" not in plain.to_dict() and "decay" not in plain.to_dict()   # an older reader takes it
+    s = Schedule(lr=0.2, epochs=5, batch_size=16, augment=True, shift=60, decay="cosine")
+    assert Schedule.from_dict(s.to_dict()) == s and s.to_dict()["shift"] == 60
+    assert s.lr_at(0, 10) == pytest.approx(0.2) and s.lr_at(5, 10) == pytest.approx(0.1)
+    assert s.lr_at(9, 10) < 0.01 and plain.lr_at(9, 10) == 0.1
+    for bad in (dict(decay="linear"), dict(shift=-1), dict(shift=1.5)):
+        with pytest.raises(ValueError):
+            Schedule(**bad)
+
+
+def test_schedule_selection_scores_what_a_device_run_of_that_length_gives(tmp_path):
+    """select_schedule scores a constant-lr run as it passes each epoch count: each score must equal an
+    independent run of exactly that many epochs (augmentation and mini-batches included); with a cosine
+    decay every (lr, epochs) is its own run."""
+    from edge_ser.distill.mtt import select_schedule, val_uar
+
+    train = _toy()
+    cfg, theta0 = _theta0(train)
+    X, y = train.X[:8], train.y[:8]
+    base = Schedule(lr=0.05, epochs=1, batch_size=3, augment=True, shift=30, seed=4)
+    _, _, table = select_schedule(X, y, base, cfg, theta0, train, epoch_grid=(1, 3), extra_lrs=(0.2,))
+    assert [(r["lr"], r["epochs"]) for r in table] == [(0.05, 1), (0.05, 3), (0.2, 1), (0.2, 3)]
+    for r in table:
+        assert r["val_uar"] == val_uar(X, y, base.replace(lr=r["lr"], epochs=r["epochs"]), cfg, theta0, train)
+    cosine = base.replace(decay="cosine")
+    best, uar, table = select_schedule(X, y, cosine, cfg, theta0, train, epoch_grid=(1, 3), extra_lrs=(0.2,))
+    assert len(table) == 4 and best.decay == "cosine" and uar == max(r["val_uar"] for r in table)
+    r = table[-1]
+    assert r["val_uar"] == val_uar(X, y, cosine.replace(lr=r["lr"], epochs=r["epochs"]), cfg, theta0, train)
+
+
+def test_default_device_schedule_is_augmented_mini_batch_sgd(tmp_path):
+    """The shipped schedule is the device recipe every evaluation used: mini-batch SGD, cosine decay, time shift
+    (a fifth of the clip) and SpecAugment; device_augment=False turns the augmentation off."""
+    train = _toy(per=3)
+    syn, _, _ = _distill(train, ipc=2, workdir=tmp_path / "a", params=FAST + (("batch", 3),))
+    s = syn.schedule
+    assert (s.optimizer, s.batch_size, s.decay, s.augment, s.shift) == ("sgd", 3, "cosine", True, round(0.2 * 298))
+    syn, _, _ = _distill(train, ipc=2, workdir=tmp_path / "b", params=FAST + (("device_augment", False),))
+    assert not syn.schedule.augment and syn.schedule.shift == 0

@@ -141,6 +141,20 @@ def test_soft_labels_calibration_and_real_model_state(tmp_path, home):
     assert all(torch.equal(v, torch.from_numpy(theta[k])) for k, v in model.state_dict().items())
 
 
+def test_augmented_schedule_travels_and_a_plain_one_stays_readable_by_format_1_1(tmp_path, home):
+    """Format 1.2 adds the schedule's time shift and step-size decay; a schedule without them is written
+    without those keys, so an edge-ser that reads format 1.1 still reads it (it refuses unknown keys)."""
+    from edge_ser.schedule import Schedule
+
+    sched = Schedule(lr=0.2, epochs=150, batch_size=16, augment=True, shift=60, decay="cosine")
+    p = P.load_pack(make_pack(tmp_path / "aug.pack", private_key=home["private_key"], schedule=sched)["path"])
+    assert p.schedule == sched and p.format_version == "1.2.0"
+    info = make_pack(tmp_path / "plain.pack", private_key=home["private_key"])
+    manifest = json.loads(members(info["path"])[P.MANIFEST])
+    assert set(manifest["schedule"]) == {"optimizer", "lr", "momentum", "weight_decay", "epochs", "batch_size",
+                                         "augment", "seed"}
+
+
 def test_same_content_same_bytes(tmp_path, home):
     a = make_pack(tmp_path / "a.pack", sequence=1, created_ms=1000)
     b = make_pack(tmp_path / "b.pack", sequence=1, created_ms=1000)

@@ -87,7 +87,7 @@ def init_synthetic(train: FeatureSet, ipc: int, init: str, seed: int) -> Tuple[n
 
 #: part of every checkpoint key: bump it when a method's defaults change what its checkpoints mean, so a run does
 #: not resume from one written under other defaults (2: fixed-init compares sets trained to convergence)
-CHECKPOINT_VERSION = 2
+CHECKPOINT_VERSION = 3
 
 
 def workdir_for(cfg: DistillConfig, model_cfg: ModelConfig, train: FeatureSet, theta0, workdir) -> Path:
@@ -154,28 +154,37 @@ def select_schedule(X, y, schedule: Schedule, model_cfg: ModelConfig, theta0, va
     """Pick the (lr, epochs) with the best validation UAR, training θ0 exactly as ``train_schedule`` does.
     The step sizes tried: ``schedule.lr`` times each of ``lr_factors``, and each of ``extra_lrs``.
 
-    For stateless full-batch SGD without augmentation, training ``e2`` epochs equals training ``e1``
-    then ``e2 - e1`` more, so one run per lr scores every epoch count in ``epoch_grid``.
+    With a constant step size the first ``e`` epochs of a longer run are exactly an ``e``-epoch run (same
+    batches, same augmentation draws): one run per lr, scored as it passes each epoch in ``epoch_grid``. A
+    decaying step size depends on the run's length, so there every (lr, epochs) is its own run.
     """
     from ..models import build_model, load_state_arrays
     from ..schedule import train_schedule
 
-    chainable = (schedule.optimizer == "sgd" and schedule.momentum == 0 and schedule.weight_decay == 0
-                 and not schedule.augment and (schedule.batch_size == 0 or schedule.batch_size >= len(X)))
+    n = len(X)
+    per_epoch = schedule.steps(n) // schedule.epochs
+    grid = sorted({int(e) for e in epoch_grid})
     table, best = [], (-1.0, schedule)
     lrs = [schedule.lr * f for f in lr_factors] + [float(v) for v in extra_lrs]
-    for lr in dict.fromkeys(lrs):
+    # (lr, the epoch counts one run scores on its way)
+    runs = [(lr, grid) for lr in dict.fromkeys(lrs)] if schedule.decay == "none" else \
+        [(lr, [e]) for lr in dict.fromkeys(lrs) for e in grid]
+    for lr, wanted in runs:
         model = load_state_arrays(build_model(model_cfg, 0), theta0)
-        done = 0
-        for e in sorted(epoch_grid):
-            if not chainable:
-                model, done = load_state_arrays(build_model(model_cfg, 0), theta0), 0
-            train_schedule(model, X, y, schedule.replace(lr=lr, epochs=e - done))
-            done = e
-            uar = score(model, val, model_cfg.num_classes)
-            table.append({"lr": lr, "epochs": e, "val_uar": uar})
-            if uar > best[0] + 1e-9:
-                best = (uar, schedule.replace(lr=lr, epochs=e))
+        steps = [0]
+
+        def on_step(lr=lr, model=model, steps=steps, wanted=wanted):
+            nonlocal best
+            steps[0] += 1
+            epoch, done = divmod(steps[0], per_epoch)
+            if done == 0 and epoch in wanted:
+                uar = score(model, val, model_cfg.num_classes)
+                model.train()
+                table.append({"lr": lr, "epochs": epoch, "val_uar": uar})
+                if uar > best[0] + 1e-9:
+                    best = (uar, schedule.replace(lr=lr, epochs=epoch))
+
+        train_schedule(model, X, y, schedule.replace(lr=lr, epochs=wanted[-1]), on_step=on_step)
     return best[1], best[0], table
 
 
