@@ -1,6 +1,7 @@
 """Benchmark `schedule_sweep`: how a small set's UAR from θ0 depends on the device's step size and step count.
 
-A device trains θ0 on the pack's set with plain full-batch SGD. This trains θ0 on a given IPC-sized set over a
+Until 2026-12-03 a device trained θ0 on the pack's set with plain full-batch SGD, no augmentation (since then
+fixed-init ships an augmented mini-batch recipe; edge_ser/distill/fixed_init.py). This trains θ0 on a given IPC-sized set over a
 grid of step sizes × step counts and records, at every grid point, the score fixed-init selects on (mean of the
 validation speakers' and the training speakers' UAR) and the test speakers' UAR, so one can see where training
 has settled and whether the selection score ranks what the test speakers see.

@@ -59,7 +59,7 @@ def _mqtt_roundtrip(pack_path: Path, workdir: Path, public_key: Path, quiet: boo
 
 
 #: distillation iterations for the demo: enough to show the default method at work in a few minutes (each of its
-#: evaluations trains θ0 for 200 steps, so the distillation, not the iterations, sets the demo's pace)
+#: evaluations trains θ0 for 150 epochs, and the schedule choice 12 runs, so these, not the iterations, set its pace)
 DEMO_ITERATIONS = 10
 
 

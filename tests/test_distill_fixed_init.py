@@ -112,7 +112,8 @@ def test_student_anchor_walks_the_device_path(tmp_path):
     """anchor="student": segments start on the device's own path from θ0; a bad anchor is one clear error."""
     train = _toy()
     syn, cfg, theta0 = _distill(train, iterations=3, workdir=tmp_path,
-                                params=FAST + (("anchor", "student"), ("path_every", 2), ("lr_img", 0.1)))
+                                params=FAST + (("anchor", "student"), ("augment", False), ("path_every", 2),
+                                              ("lr_img", 0.1)))
     assert syn.X.shape == (4, 64, 298) and np.isfinite(syn.X).all()
     assert syn.stats["history"] and syn.schedule.lr > 0
     with pytest.raises(ValueError, match="anchor"):
@@ -166,8 +167,9 @@ def test_mtt_runs_and_learns_step_size(tmp_path):
 
 
 def test_augmented_unroll_ships_an_augmented_schedule(tmp_path):
-    """augment=True: SpecAugment masks inside the unrolled student steps and the same augmentation in the
-    device's schedule, whose replay stays deterministic (so a pack's golden vectors still check it)."""
+    """augment=True (the default): the device's time shift and SpecAugment masks inside the unrolled student
+    steps and the same augmentation in the device's schedule, whose replay stays deterministic (so a pack's golden
+    vectors still check it)."""
     train = _toy()
     syn, cfg, theta0 = _distill(train, iterations=2, workdir=tmp_path, params=FAST + (("augment", True),))
     assert syn.schedule.augment and np.all(np.isfinite(syn.X)) and syn.X.shape == (4, 64, 298)
@@ -272,10 +274,14 @@ def test_schedule_selection_scores_what_a_device_run_of_that_length_gives(tmp_pa
 
 def test_default_device_schedule_is_augmented_mini_batch_sgd(tmp_path):
     """The shipped schedule is the device recipe every evaluation used: mini-batch SGD, cosine decay, time shift
-    (a fifth of the clip) and SpecAugment; device_augment=False turns the augmentation off."""
+    (a fifth of the clip) and SpecAugment; augment=False + device_augment=False turn the augmentation off, and the
+    student anchor, whose path is not augmented, asks for augment=False."""
     train = _toy(per=3)
     syn, _, _ = _distill(train, ipc=2, workdir=tmp_path / "a", params=FAST + (("batch", 3),))
     s = syn.schedule
     assert (s.optimizer, s.batch_size, s.decay, s.augment, s.shift) == ("sgd", 3, "cosine", True, round(0.2 * 298))
-    syn, _, _ = _distill(train, ipc=2, workdir=tmp_path / "b", params=FAST + (("device_augment", False),))
+    syn, _, _ = _distill(train, ipc=2, workdir=tmp_path / "b",
+                         params=FAST + (("augment", False), ("device_augment", False)))
     assert not syn.schedule.augment and syn.schedule.shift == 0
+    with pytest.raises(ValueError, match="augment=False"):
+        _distill(train, workdir=tmp_path / "c", params=FAST + (("anchor", "student"),))

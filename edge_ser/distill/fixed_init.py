@@ -1,8 +1,8 @@
 """Fixed-initialisation distillation (the product default): a synthetic set made for the one θ0 a pack ships.
 
-A device builds θ0 from the pack's tensors and runs ``train_schedule``: plain full-batch SGD on the
-synthetic set with a learned step size for a chosen number of steps. Everything here optimises for
-exactly that procedure, with exact gradients:
+A device builds θ0 from the pack's tensors and runs ``train_schedule``: plain SGD on the synthetic set, with
+a step size and a number of epochs chosen here, on augmented mini-batches (4. below). The set is matched to
+full-batch SGD steps from θ0, with exact gradients, and chosen by what the device's own recipe makes of it:
 
 1. **Experts from θ0** (``experts.py``, cached on disk by data hash + θ0 hash): ``experts`` full-data
    runs that all start at θ0, weights saved after every epoch. They train with plain SGD (lr 0.3, batch 32,
@@ -33,7 +33,7 @@ exactly that procedure, with exact gradients:
    clip rolled in time by up to ``shift`` (a fifth) of its length and SpecAugment-masked, afresh in every epoch
    (``device_augment``); every evaluation uses it (``eval_epochs`` 150 at ``eval_lr`` 0.2). Eighty clips teach
    a model far more this way than by full-batch SGD on the clips as they are: on RAVDESS (IPC 10, test actors
-   19-24) the herding start went from 46.9 % to about 53 % (``benchmarks/RESULTS.md``, §2), while random
+   19-24) the herding start went from 46.9 % to 51.4 % (``benchmarks/RESULTS.md``, §2), while random
    real subsets trained the same way stayed near 41 %. Before, sets were compared trained without augmentation
    to convergence (full-batch SGD, 200 steps at 0.2): short of convergence 80 clips' test UAR swings by up to
    16 points between neighbouring step counts (``benchmarks/schedule_sweep.py``); the annealed step size ends
@@ -48,14 +48,16 @@ exactly that procedure, with exact gradients:
 Params (``cfg.param(key, default)``): experts 2, expert_epochs 15, expert_optimizer "sgd", expert_lr 0.3 (1e-3
 for "adam"), init_select "herding", teacher_labels False, temperature 2.0, max_start_epoch 8, p_theta0 0.3,
 expert_epochs_ahead 1, syn_steps 4, anchor "expert" (or "student", see 3), path_every 5, select_on "val_train"
-(or "val"), select_train_max 2000 (training clips scored at most), robust_schedule False, augment False
-(the device's time shift and SpecAugment masks in every unrolled step too; SpecAugment alone, with Adam experts on RAVDESS IPC 10: 39.7 +- 5.1 %
-over three distillations against 41.0 +- 3.7 % without), device_augment True, shift 0.2 (of the clip's frames),
+(or "val"), select_train_max 2000 (training clips scored at most), robust_schedule False, augment True
+(the device's time shift and SpecAugment masks in every unrolled step too, so the clips are matched to augmented
+steps as the device takes them; on RAVDESS IPC 1 without it 35.9 / 35.2 %, with it 40.5 / 45.4 %; the default since
+2026-12-03; False before, and SpecAugment alone with Adam experts at IPC 10 gave 39.7 +- 5.1 % against 41.0 +- 3.7 %
+without), device_augment True (implied by augment), shift 0.2 (of the clip's frames),
 batch 16 (0: the whole set in every step), decay "cosine" (or "none"), lr_init 0.05, lr_img 0.03, lr_lr 0.01,
 lr_label 0.05, eval_every 10, eval_epochs 150, eval_lr 0.2 (or "learned": the current learned step size),
 lr_factors (1,), lr_grid (0.1, 0.2, 0.4), epoch_grid (100, 150, 200), val_speakers 2 (held out of ``train`` when
-``val`` is None). The default of 2026-12-02 ("converged selection"): ``device_augment=False, batch=0,
-decay=none, eval_epochs=200, epoch_grid=80/120/200``.
+``val`` is None). The default of 2026-12-02 ("converged selection"): ``augment=False, device_augment=False,
+batch=0, decay=none, eval_epochs=200, epoch_grid=80/120/200``.
 Default iterations: 40 (on RAVDESS the best set came at iteration 10-30 in all six 80-iteration runs of the earlier
 default at IPC 1-20, and at 20-30 in the IPC-10 runs of this one; at IPC 1 and 20 its best came at iteration 40).
 
@@ -187,7 +189,7 @@ def distill_fixed_init(train: FeatureSet, cfg: DistillConfig, model_cfg: ModelCo
     rng = np.random.default_rng(cfg.seed)
     history: List[Dict] = []
     start_it, best = 0, {"val_uar": -1.0}
-    augment = bool(P("augment", False))     # SpecAugment inside the unrolled student steps too
+    augment = bool(P("augment", True))      # the device's augmentation inside the unrolled student steps too
     fill = torch.as_tensor(np.asarray(theta0["input_norm.mean"], np.float32))
     # the device's recipe, which every evaluation and the final schedule use: SGD on mini-batches of `batch`
     # clips, the step size cosine-annealed, every clip rolled in time by up to `shift` of its length and
@@ -222,7 +224,7 @@ def distill_fixed_init(train: FeatureSet, cfg: DistillConfig, model_cfg: ModelCo
     if anchor not in ("expert", "student"):
         raise ValueError(f"fixed-init anchor must be 'expert' or 'student', got {anchor!r}")
     if anchor == "student" and augment:
-        raise ValueError("fixed-init: anchor='student' does not support augment=True")
+        raise ValueError("fixed-init: anchor='student' needs augment=False (its path is not augmented)")
     path_every, path = max(1, int(P("path_every", 5))), None
 
     def device_path(X: np.ndarray, labels, lr: float):

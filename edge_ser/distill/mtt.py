@@ -87,7 +87,7 @@ def init_synthetic(train: FeatureSet, ipc: int, init: str, seed: int) -> Tuple[n
 
 #: part of every checkpoint key: bump it when a method's defaults change what its checkpoints mean, so a run does
 #: not resume from one written under other defaults (2: fixed-init compares sets trained to convergence)
-CHECKPOINT_VERSION = 3
+CHECKPOINT_VERSION = 4
 
 
 def workdir_for(cfg: DistillConfig, model_cfg: ModelConfig, train: FeatureSet, theta0, workdir) -> Path:
