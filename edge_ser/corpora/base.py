@@ -98,3 +98,22 @@ def ordered_classes(found: Sequence[str], canonical: Sequence[str] = CANONICAL) 
     """Classes present, in the layout's canonical order (unknown ones after, alphabetically)."""
     present = set(found)
     return tuple([c for c in canonical if c in present] + sorted(present - set(canonical)))
+
+
+def process_pool(workers: int, preload: Sequence[str] = ()):
+    """A process pool for per-file work whose workers do not inherit this process's threads.
+
+    A plain ``fork`` of a process that has already run torch or BLAS thread pools (a notebook, the test suite, a
+    server that trained before) can leave the child waiting forever on a lock a vanished thread held, so the
+    workers come from a ``forkserver`` (Linux; ``spawn`` elsewhere), started with ``preload`` modules imported.
+    As with ``spawn``, a script that calls this must guard its entry point with ``if __name__ == "__main__":``.
+    """
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    if "forkserver" in mp.get_all_start_methods():
+        ctx = mp.get_context("forkserver")
+        ctx.set_forkserver_preload(list(preload))
+    else:
+        ctx = mp.get_context("spawn")
+    return ProcessPoolExecutor(max_workers=workers, mp_context=ctx)

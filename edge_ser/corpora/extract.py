@@ -10,7 +10,6 @@ import hashlib
 import json
 import os
 import stat
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 from typing import List, Optional, Tuple
@@ -21,7 +20,7 @@ from ..audio import AudioError, load_audio
 from ..config import FeatureConfig
 from ..data import FeatureSet
 from ..features import extract
-from .base import Corpus, Problem
+from .base import Corpus, Problem, process_pool
 from .detect import open_corpus
 
 CACHE_VERSION = 1
@@ -118,7 +117,7 @@ def load_features(path_or_corpus, cfg: FeatureConfig = FeatureConfig(), fmt: Opt
     jobs = [(u.path, cfg.to_json()) for u in corpus.utterances]
     workers = workers or min(2, os.cpu_count() or 1)
     if workers > 1 and len(jobs) > 16:
-        with ProcessPoolExecutor(max_workers=workers) as pool:
+        with process_pool(workers, preload=[__name__]) as pool:
             results = _progress(pool.map(_one, jobs, chunksize=16), len(jobs), progress)
             results = list(results)
     else:

@@ -11,11 +11,10 @@ import json
 import os
 import time
 from collections import Counter
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Dict, List, Optional
 
-from .base import Problem
+from .base import Problem, process_pool
 
 #: Bump when what a probe records changes; cached probes of another version are ignored.
 PROBE_VERSION = 2
@@ -111,7 +110,7 @@ def corpus_info(path, fmt: Optional[str] = None, workers: Optional[int] = None, 
         paths = [utts[i].path for i in missing]
         workers = workers or min(2, os.cpu_count() or 1)
         if workers > 1 and len(paths) > 16:
-            with ProcessPoolExecutor(max_workers=workers) as pool:
+            with process_pool(workers, preload=[__name__]) as pool:
                 fresh = list(pool.map(probe_file, paths, chunksize=16))
         else:
             fresh = [probe_file(p) for p in paths]
