@@ -5,8 +5,9 @@ Container (format 1.x): a ZIP archive (stored or deflated members only) holding
 
 ==========================  =================================================================
 ``manifest.json``           format, format_version (semver), sequence, configs, classes, schedule (its
-                            ``shift``, a time-shift augmentation, is format >= 1.2: an older edge-ser
-                            refuses such a pack rather than train without it),
+                            ``shift`` and ``decay``, a time-shift augmentation and an annealed step
+                            size, are format >= 1.2: an older edge-ser refuses such a pack rather than
+                            train it differently),
                             provenance, theta0_sha256, golden_tolerance and, per member, its
                             SHA-256, byte length, dtype and shape
 ``signature.json``          optional: ``{"algorithm": "ed25519", "key_id", "signature" (base64)}``

@@ -9,7 +9,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 import itertools
-from typing import Iterator, List, Sequence, Tuple
+from typing import Iterator, List, Optional, Sequence, Tuple
 
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".aiff", ".aif", ".mp3")
 
@@ -100,20 +100,27 @@ def ordered_classes(found: Sequence[str], canonical: Sequence[str] = CANONICAL) 
     return tuple([c for c in canonical if c in present] + sorted(present - set(canonical)))
 
 
-def process_pool(workers: int, preload: Sequence[str] = ()):
-    """A process pool for per-file work whose workers do not inherit this process's threads.
+def map_files(fn, items: Sequence, workers: Optional[int] = None, wrap=None) -> list:
+    """``[fn(item) for item in items]``, in ``workers`` processes (default: up to 2) when there are more than 16.
+    ``wrap`` wraps the iterator of results (a progress bar).
 
-    A plain ``fork`` of a process that has already run torch or BLAS thread pools (a notebook, the test suite, a
-    server that trained before) can leave the child waiting forever on a lock a vanished thread held, so the
-    workers come from a ``forkserver`` (Linux; ``spawn`` elsewhere), started with ``preload`` modules imported.
-    As with ``spawn``, a script that calls this must guard its entry point with ``if __name__ == "__main__":``.
+    The workers do not inherit this process's threads: a plain ``fork`` of a process that has already run torch
+    or BLAS thread pools (a notebook, the test suite, a server that trained before) can leave a child waiting
+    forever on a lock a vanished thread held, so they come from a ``forkserver`` (Linux, with ``fn``'s module
+    preloaded; ``spawn`` elsewhere). As with ``spawn``, a script that calls this must guard its entry point with
+    ``if __name__ == "__main__":``.
     """
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor
 
+    wrap = wrap or (lambda it: it)
+    workers = workers or min(2, os.cpu_count() or 1)
+    if workers <= 1 or len(items) <= 16:
+        return list(wrap(map(fn, items)))
     if "forkserver" in mp.get_all_start_methods():
         ctx = mp.get_context("forkserver")
-        ctx.set_forkserver_preload(list(preload))
+        ctx.set_forkserver_preload([fn.__module__])
     else:
         ctx = mp.get_context("spawn")
-    return ProcessPoolExecutor(max_workers=workers, mp_context=ctx)
+    with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+        return list(wrap(pool.map(fn, items, chunksize=16)))

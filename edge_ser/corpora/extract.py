@@ -20,7 +20,7 @@ from ..audio import AudioError, load_audio
 from ..config import FeatureConfig
 from ..data import FeatureSet
 from ..features import extract
-from .base import Corpus, Problem, process_pool
+from .base import Corpus, Problem, map_files
 from .detect import open_corpus
 
 CACHE_VERSION = 1
@@ -115,13 +115,7 @@ def load_features(path_or_corpus, cfg: FeatureConfig = FeatureConfig(), fmt: Opt
         else:
             seen[digest] = u.rel
     jobs = [(u.path, cfg.to_json()) for u in corpus.utterances]
-    workers = workers or min(2, os.cpu_count() or 1)
-    if workers > 1 and len(jobs) > 16:
-        with process_pool(workers, preload=[__name__]) as pool:
-            results = _progress(pool.map(_one, jobs, chunksize=16), len(jobs), progress)
-            results = list(results)
-    else:
-        results = list(_progress(map(_one, jobs), len(jobs), progress))
+    results = map_files(_one, jobs, workers, wrap=lambda it: _progress(it, len(jobs), progress))
     X, keep = [], []
     for i, (feat, notes, error) in enumerate(results):
         rel = corpus.utterances[i].rel

@@ -14,7 +14,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Dict, List, Optional
 
-from .base import Problem, process_pool
+from .base import Problem, map_files
 
 #: Bump when what a probe records changes; cached probes of another version are ignored.
 PROBE_VERSION = 2
@@ -108,12 +108,7 @@ def corpus_info(path, fmt: Optional[str] = None, workers: Optional[int] = None, 
     cached = len(utts) - len(missing)
     if missing:
         paths = [utts[i].path for i in missing]
-        workers = workers or min(2, os.cpu_count() or 1)
-        if workers > 1 and len(paths) > 16:
-            with process_pool(workers, preload=[__name__]) as pool:
-                fresh = list(pool.map(probe_file, paths, chunksize=16))
-        else:
-            fresh = [probe_file(p) for p in paths]
+        fresh = map_files(probe_file, paths, workers)
         for i, r in zip(missing, fresh):
             results[i] = r
             cache[f"{hashes[i]}|{key}"] = r

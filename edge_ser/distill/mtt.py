@@ -86,7 +86,8 @@ def init_synthetic(train: FeatureSet, ipc: int, init: str, seed: int) -> Tuple[n
 
 
 #: part of every checkpoint key: bump it when a method's defaults change what its checkpoints mean, so a run does
-#: not resume from one written under other defaults (2: fixed-init compares sets trained to convergence)
+#: not resume from one written under other defaults (2: fixed-init compares sets trained to convergence; 3: with
+#: the device's augmented mini-batch recipe; 4: and augments the unrolled steps)
 CHECKPOINT_VERSION = 4
 
 
