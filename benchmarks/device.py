@@ -5,7 +5,7 @@ and memory budget: wall and CPU seconds, whole-process peak RSS, golden check, e
     PYTHONPATH=. python -m benchmarks.device --corpus ../shared/corpora/ravdess --threads 1,2 --repeats 3
     PYTHONPATH=. python -m benchmarks.device --pack my.pack --public-key signing.pub --budgets none,600,800
 
-Without --pack it first makes a signed pack (``edge_ser.api.pack``, product default method, IPC 10;
+Without --pack it first makes a signed pack (``edge_ser.packer.pack``, product default method, IPC 10;
 test speakers 19-24 on RAVDESS) with a fresh key pair. Every train_local run is a spawned child
 (``benchmarks._common.run_in_child``): peak RSS is the whole child process (torch, onnxruntime and the
 TensorFlow converter included; VmHWM, see ``benchmarks._common.child_peak_rss_mb``); CPU seconds are the child's
@@ -29,7 +29,7 @@ from typing import Dict, List, Optional
 from edge_ser.memory import LEAN_HEAP_ENV
 
 from ._common import print_machine_info, run_in_child, write_json
-from .pack import HERE, default_corpus, make_keys, pack_job, test_speakers_for
+from .packfile import HERE, default_corpus, make_keys, pack_job, test_speakers_for
 
 
 def _cpu_seconds() -> float:
@@ -160,7 +160,7 @@ def main(argv=None) -> int:
             report["pack_source"] = {"corpus": corpus, "method": made["method"], "ipc": made["ipc"],
                                      "seconds": round(secs, 1), "peak_rss_mb": round(rss, 1)}
             print(f"made a {made['method']} IPC {made['ipc']} pack from {corpus} in {secs:.1f} s")
-        from edge_ser.pack import inspect_pack
+        from edge_ser.packfile import inspect_pack
 
         pinfo = inspect_pack(pack_path, public_key=public_key)
         report["pack"] = {"path": a.pack, "bytes": pinfo["bytes"], "samples": pinfo["synthetic"]["samples"],

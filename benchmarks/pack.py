@@ -5,7 +5,7 @@ total seconds, whole-process peak RSS), for each distillation method × IPC.
     PYTHONPATH=. python -m benchmarks.pack --corpus ../shared/corpora/ravdess --test-speakers 19-24 \\
         --methods random,herding,fixed-init --ipc 1,10,50
 
-Each ``edge_ser.api.pack`` call runs in a spawned child (``benchmarks._common.run_in_child``); its peak
+Each ``edge_ser.packer.pack`` call runs in a spawned child (``benchmarks._common.run_in_child``); its peak
 RSS is the whole child process (torch included), read as VmHWM in the child (``_common.child_peak_rss_mb``). By
 default every child gets a *cold* distillation cache (a temp ``EDGE_SER_CACHE`` sharing only the
 feature cache and the demo corpus), because fixed-init / MTT reuse cached expert trajectories and
@@ -65,12 +65,12 @@ def cold_cache(folder) -> Path:
 
 def pack_job(corpus: str, output: str, method: Optional[str], ipc: int, test_speakers: Optional[str], key: str,
              threads: int = 1, seed: int = 0, iterations: Optional[int] = None, cache: Optional[str] = None) -> Dict:
-    """Child-process body: ``edge_ser.api.pack`` with ``threads`` torch threads (``cache``: EDGE_SER_CACHE)."""
+    """Child-process body: ``edge_ser.packer.pack`` with ``threads`` torch threads (``cache``: EDGE_SER_CACHE)."""
     if cache:
         os.environ["EDGE_SER_CACHE"] = str(cache)
     import torch
 
-    from edge_ser.api import pack
+    from edge_ser.packer import pack
 
     torch.set_num_threads(int(threads))
     return pack(corpus, output, method=method, ipc=ipc, test_speakers=test_speakers, seed=seed, key=key,
@@ -79,7 +79,7 @@ def pack_job(corpus: str, output: str, method: Optional[str], ipc: int, test_spe
 
 def member_breakdown(path, public_key=None) -> Dict[str, Dict[str, int]]:
     """Pack members grouped (synthetic X, labels, golden, θ0, ...): raw bytes, stored bytes, member count."""
-    from edge_ser.pack import inspect_pack
+    from edge_ser.packfile import inspect_pack
 
     raw = {name: m["bytes"] for name, m in inspect_pack(path, public_key=public_key)["members"].items()}
     with zipfile.ZipFile(path) as zf:

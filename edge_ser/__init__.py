@@ -16,9 +16,9 @@ Heavy dependencies load lazily: importing edge_ser is cheap.
 __version__ = "0.1.0"
 
 _LAZY = {
-    "pack": ("edge_ser.api", "pack"),
-    "load_pack": ("edge_ser.pack", "load_pack"),
-    "inspect_pack": ("edge_ser.pack", "inspect_pack"),
+    "pack": ("edge_ser.packer", "pack"),
+    "load_pack": ("edge_ser.packfile", "load_pack"),
+    "inspect_pack": ("edge_ser.packfile", "inspect_pack"),
     "train_local": ("edge_ser.local", "train_local"),
     "evaluate": ("edge_ser.evaluate", "evaluate"),
     "listen": ("edge_ser.stream", "listen"),

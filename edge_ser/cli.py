@@ -81,7 +81,7 @@ def cmd_corpus_info(a):
 
 
 def cmd_pack(a):
-    from .api import pack
+    from .packer import pack
 
     return pack(a.corpus, a.output, method=a.method, ipc=a.ipc, test_speakers=a.test_speakers, seed=a.seed,
                 fmt=a.format, key=a.key, model=a.model, iterations=a.iterations, progress=not a.json,
@@ -106,7 +106,7 @@ def parse_params(items) -> dict:
 
 
 def cmd_pack_inspect(a):
-    from .pack import format_inspect, inspect_pack
+    from .packfile import format_inspect, inspect_pack
 
     return inspect_pack(a.pack, public_key=a.public_key), format_inspect
 

@@ -64,7 +64,7 @@ DEMO_ITERATIONS = 10
 
 def run_demo(workdir=None, ipc: int = 10, quiet: bool = False, iterations: int = DEMO_ITERATIONS) -> Dict:
     """Run the demo pipeline in ``workdir`` (default: a fresh temp folder) and return its numbers."""
-    from .api import pack
+    from .packer import pack
     from .corpora.report import corpus_info
     from .evaluate import evaluate
     from .local import train_local

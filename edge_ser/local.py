@@ -26,7 +26,7 @@ def train_local(pack, output, memory_budget_mb: Optional[float] = None, threads:
                 public_key=None, export: bool = True, progress: bool = True, lean: bool = False) -> Dict[str, Any]:
     """Load and verify ``pack`` (a path), then :func:`train_from_pack` into the folder ``output``.
     ``lean=True`` trades time for memory even without a budget (see :mod:`edge_ser.memory`)."""
-    from .pack import load_pack
+    from .packfile import load_pack
 
     t0 = time.perf_counter()
     p = load_pack(pack, public_key=public_key)
@@ -98,7 +98,7 @@ def recover_folder(out: Path) -> None:
 def train_from_pack(p, output, memory_budget_mb: Optional[float] = None, threads: Optional[int] = None,
                     export: bool = True, progress: bool = False, tflite: bool = True,
                     require_golden: bool = True, lean: bool = False, _t0: Optional[float] = None) -> Dict[str, Any]:
-    """Train a loaded pack (any object with the :class:`edge_ser.pack.Pack` attributes) into ``output``.
+    """Train a loaded pack (any object with the :class:`edge_ser.packfile.Pack` attributes) into ``output``.
 
     Raises ``ValueError`` (bad pack, θ0 hash mismatch), :class:`memory.MemoryBudgetError` (budget cannot be
     met; raised before training) or ``RuntimeError`` (golden check failed); the previous model stays.

@@ -318,7 +318,7 @@ def publish(pack, broker: str, topic: str, username=None, password=None, cafile=
 
     >>> publish("demo.pack", "mqtt://127.0.0.1:1883", "ser/packs")["chunks"]    # doctest: +SKIP
     """
-    from .pack import read_manifest
+    from .packfile import read_manifest
 
     if not 1 <= int(chunk_size) <= MAX_CHUNK:
         raise ValueError(f"--chunk-size must be 1..{MAX_CHUNK} bytes, got {chunk_size}")
@@ -393,7 +393,7 @@ class Agent:
     def __init__(self, broker, topic, store=None, public_key=None, username=None, password=None, cafile=None,
                  train=False, memory_budget_mb=None, threads=None, max_pack_bytes=DEFAULT_MAX_PACK_BYTES,
                  device=None, verbose=True):
-        from .pack import ALLOW_UNSIGNED_ENV, _allow_unsigned_env
+        from .packfile import ALLOW_UNSIGNED_ENV, _allow_unsigned_env
         from .signing import default_public_key, load_public_key
         from .store import PackStore
 
@@ -520,7 +520,7 @@ class Agent:
             self.transfer = None
 
     def _complete(self) -> dict:
-        from .pack import load_pack
+        from .packfile import load_pack
 
         r, a = self.transfer, self.transfer.a
         self.conn.client.unsubscribe(f"{self.t['chunks']}/{a['pack_id']}/+")

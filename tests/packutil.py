@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from edge_ser.config import FeatureConfig, ModelConfig
-from edge_ser.pack import write_pack
+from edge_ser.packfile import write_pack
 from edge_ser.schedule import Schedule
 
 CLASSES = ("neutral", "happy", "sad", "angry")

@@ -38,7 +38,7 @@ def private_cache(tmp_path, monkeypatch):
 def home(tmp_path, monkeypatch):
     """A signing key pair in a private EDGE_SER_HOME (unsigned packs not allowed)."""
     from edge_ser import signing
-    from edge_ser.pack import ALLOW_UNSIGNED_ENV
+    from edge_ser.packfile import ALLOW_UNSIGNED_ENV
 
     monkeypatch.setenv("EDGE_SER_HOME", str(tmp_path / "home"))
     monkeypatch.setenv("EDGE_SER_DEVICE_ID", "faultdev")
@@ -304,7 +304,7 @@ def test_empty_class_folder_is_left_out_with_a_problem_line(tmp_path):
 def test_single_speaker_refused_at_split(tmp_path, home):
     """One speaker only: ``corpus info`` warns, and ``pack`` refuses (one line, exit 1, no file
     written) before any distillation, with the default split and with the speaker held out explicitly."""
-    from edge_ser.api import pack
+    from edge_ser.packer import pack
     from edge_ser.corpora import load_features
     from edge_ser.data import default_test_speakers
 
@@ -395,7 +395,7 @@ def test_disk_full_while_copying_a_pack_into_the_store(tmp_path, home, monkeypat
     """ENOSPC half-way through the copy: the commit fails with the OS's words, the previous pack stays
     current and verifiable, and no partial temp file is left eating the full disk."""
     import edge_ser.store as store_mod
-    from edge_ser.pack import load_pack, read_manifest
+    from edge_ser.packfile import load_pack, read_manifest
 
     old, new = _packs(tmp_path, home, 10, 20)
     store = store_mod.PackStore(tmp_path / "store")
@@ -419,7 +419,7 @@ def test_disk_full_while_writing_the_store_state(tmp_path, home, monkeypatch):
     """ENOSPC on fsync of the new state.json: the old state stays in force; a restart's cleanup
     leaves exactly the referenced pack."""
     import edge_ser.store as store_mod
-    from edge_ser.pack import load_pack, read_manifest
+    from edge_ser.packfile import load_pack, read_manifest
 
     old, new = _packs(tmp_path, home, 10, 20)
     store = store_mod.PackStore(tmp_path / "store")
@@ -455,7 +455,7 @@ def test_disk_full_in_the_agent_keeps_the_previous_pack(tmp_path, home, broker):
     """The agent process may not write files over 256 KB (RLIMIT_FSIZE: the 'disk' fills up) while a
     1 MB pack arrives: it reports the cause in one line, and the previous pack stays current."""
     from edge_ser import transport
-    from edge_ser.pack import load_pack, read_manifest
+    from edge_ser.packfile import load_pack, read_manifest
     from edge_ser.store import PackStore
 
     old, = _packs(tmp_path, home, 10, ipc=2)
@@ -548,7 +548,7 @@ def test_lean_cli_restarts_itself_with_huge_pages_and_trains_the_same(tmp_path, 
     if not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc":
         pytest.skip("the restart with GLIBC_TUNABLES is for Linux/glibc only")
     from _packlike import make_pack as trained_pack
-    from edge_ser.pack import write_pack
+    from edge_ser.packfile import write_pack
 
     p = trained_pack()
     pack = write_pack(tmp_path / "real.pack", X=p.X, y=p.y, classes=p.classes, feature_config=p.feature_config,
@@ -574,7 +574,7 @@ def _agent_args(b, store, public_key, url=None, **over):
 
 
 def _stored(tmp_path, home, seq=10):
-    from edge_ser.pack import read_manifest
+    from edge_ser.packfile import read_manifest
     from edge_ser.store import PackStore
 
     p, = _packs(tmp_path, home, seq)
@@ -615,7 +615,7 @@ def test_agent_started_before_the_broker_retries_then_receives(tmp_path, home):
     once the broker is up."""
     from broker import Broker
     from edge_ser import transport
-    from edge_ser.pack import read_manifest
+    from edge_ser.packfile import read_manifest
     from edge_ser.store import PackStore
 
     b = Broker(tmp_path / "late-broker")
@@ -651,7 +651,7 @@ def test_junk_flood_during_delivery_agent_stores_pack_with_bounded_memory(tmp_pa
     oversized payloads, forged chunks of the real pack, chunks of unknown packs): the agent process
     stores the good pack, stays up, and its peak RSS grows by far less than the junk it saw."""
     from edge_ser import transport
-    from edge_ser.pack import load_pack, read_manifest
+    from edge_ser.packfile import load_pack, read_manifest
     from edge_ser.store import PackStore
 
     store_dir = tmp_path / "store"

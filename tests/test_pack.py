@@ -16,7 +16,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import edge_ser.pack as P
+import edge_ser.packfile as P
 from edge_ser import signing
 from edge_ser.config import FeatureConfig
 from packutil import CLASSES, make_pack

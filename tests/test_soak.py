@@ -58,7 +58,7 @@ def store_tree(root: Path) -> list:
 def test_agent_process_soaks_200_versions_with_broker_restarts(tmp_path, monkeypatch):
     from edge_ser import signing, transport
     from edge_ser.config import FeatureConfig
-    from edge_ser.pack import ALLOW_UNSIGNED_ENV, load_pack, read_manifest
+    from edge_ser.packfile import ALLOW_UNSIGNED_ENV, load_pack, read_manifest
     from edge_ser.store import PackStore
     from packutil import make_pack
 

@@ -262,7 +262,7 @@ def write_pack(path, *, X, y, classes, feature_config: FeatureConfig, model_conf
     ``resolution="stem"``: ``X`` and ``golden_inputs`` are given as the model's stem sees them
     (:func:`to_stem`, shape (M, n_mels // a, frames // b)) and stored as they are; a device trains on
     :func:`from_stem` of them, so the golden logits must be computed on exactly that, bit for bit (as
-    ``edge_ser.api.pack`` does).
+    ``edge_ser.packer.pack`` does).
 
     >>> write_pack("x.pack", X=X, y=y, classes=cls, feature_config=fc, model_config=mc, schedule=s,
     ...            theta0=state_arrays(model), golden_inputs=gi, golden_logits=gl, golden_tolerance=0.05,
@@ -278,7 +278,7 @@ def write_pack(path, *, X, y, classes, feature_config: FeatureConfig, model_conf
         want = stem_shape(feature_config, model_config)
         if X.shape[1:] != want or golden_inputs.shape[1:] != want:
             raise ValueError(f"resolution='stem' takes X and golden inputs at the stem's resolution {want} "
-                             f"(edge_ser.pack.to_stem), got {X.shape[1:]} / {golden_inputs.shape[1:]}")
+                             f"(edge_ser.packfile.to_stem), got {X.shape[1:]} / {golden_inputs.shape[1:]}")
     y = np.asarray(y)
     y = np.ascontiguousarray(y, dtype=np.int64 if y.ndim == 1 else np.float32)
     members: Dict[str, bytes] = {
@@ -689,18 +689,3 @@ def format_inspect(info: dict) -> str:
     if info.get("error"):
         lines.append(f"ERROR     {info['error']}")
     return "\n".join(lines)
-
-
-# ---------------------------------------------------------------- ``edge_ser.pack(...)`` stays callable
-
-class _CallableModule(type(sys)):
-    """``edge_ser.pack`` names both this module and the server API function; once the module is imported
-    it shadows the package attribute, so calling the module runs :func:`edge_ser.api.pack`."""
-
-    def __call__(self, *args, **kwargs):
-        from .api import pack as _pack
-
-        return _pack(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule

@@ -93,7 +93,7 @@ def pack(corpus, output, method: Optional[str] = None, ipc: int = 10, test_speak
     from .data import default_test_speakers, parse_speakers
     from .distill import DEFAULT_METHOD, DistillConfig, distill
     from .models import build_model, input_stats, set_input_stats, state_arrays
-    from .pack import write_pack
+    from .packfile import write_pack
     from .schedule import train_schedule
     from .train import predict_logits
 
@@ -142,7 +142,7 @@ def pack(corpus, output, method: Optional[str] = None, ipc: int = 10, test_speak
     resolution = "stem" if model_cfg.arch == "convnet" and tuple(model_cfg.stem_pool) != (1, 1) else "input"
     stored = syn.X
     if resolution == "stem":
-        from .pack import from_stem, to_stem
+        from .packfile import from_stem, to_stem
 
         stored = to_stem(syn.X, theta0, model_cfg.stem_pool)
         syn.X = from_stem(stored, theta0, model_cfg.stem_pool, syn.X.shape[1:])
