@@ -111,6 +111,16 @@ def cmd_pack_inspect(a):
     return inspect_pack(a.pack, public_key=a.public_key), format_inspect
 
 
+def cmd_pack_audit(a):
+    from .privacy import AuditConfig, audit, format_audit
+
+    cfg = AuditConfig.from_params(shadows=a.shadows, reid_epochs=a.reid_epochs, seed=a.seed,
+                                  audio_examples=a.audio_examples,
+                                  **({"shadow_method": a.shadow_method} if a.shadow_method else {}))
+    return audit(a.pack, a.corpus, test_speakers=a.test_speakers, out_dir=a.out, config=cfg, fmt=a.format,
+                 public_key=a.public_key, progress=not a.json, threads=a.threads), format_audit
+
+
 def cmd_keygen(a):
     from .signing import keygen
 
@@ -214,6 +224,30 @@ def build_parser() -> argparse.ArgumentParser:
     psub_inspect.add_argument("pack")
     psub_inspect.add_argument("--public-key")
     psub_inspect.set_defaults(fn=cmd_pack_inspect)
+
+    sp = sub.add_parser("pack-audit", help=argparse.SUPPRESS, parents=[common],
+                        description="measure what a pack reveals about the corpus it was made from: near-copies of "
+                                    "real clips, speaker re-identification, membership inference on the device model, "
+                                    "and Griffin-Lim audio of the closest samples",
+                        epilog="examples:\n  edge-ser pack audit ravdess.pack ../shared/corpora/ravdess --test-speakers 19-24\n"
+                               "  edge-ser pack audit ravdess.pack ../shared/corpora/ravdess --shadows 4   # + LiRA "
+                               "(each shadow is one distillation)",
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    sp.add_argument("pack")
+    sp.add_argument("corpus", help="the corpus the pack was made from (folder, CSV manifest, or 'demo')")
+    sp.add_argument("--test-speakers", default=None,
+                    help="speakers held out of the pack (default: the pack's own record, else the last quarter)")
+    sp.add_argument("--shadows", type=int, default=0,
+                    help="LiRA shadow packs made by the pack's method (0: threshold attack only; >= 2 for LiRA)")
+    sp.add_argument("--shadow-method", default=None, help="make shadow packs with this method instead (a proxy)")
+    sp.add_argument("--reid-epochs", type=int, default=30, help="speaker-classifier training epochs (default 30)")
+    sp.add_argument("--audio-examples", type=int, default=3, help="Griffin-Lim WAV pairs to write (default 3)")
+    sp.add_argument("--out", default=None, help="folder for report.json and the WAV files (default PACK.audit/)")
+    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    sp.add_argument("--format", help=fmt_help)
+    sp.add_argument("--public-key", help="verify the pack's signature with this key first")
+    sp.set_defaults(fn=cmd_pack_audit)
 
     sp = add("keygen", "make an Ed25519 signing key pair for packs", cmd_keygen,
              epilog="writes signing.key (keep it on the server) and signing.pub (copy it to devices)")
@@ -327,6 +361,8 @@ def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if len(argv) >= 2 and argv[0] == "pack" and argv[1] == "inspect":
         argv = ["pack-inspect"] + argv[2:]
+    elif len(argv) >= 2 and argv[0] == "pack" and argv[1] == "audit":
+        argv = ["pack-audit"] + argv[2:]
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "fn", None):

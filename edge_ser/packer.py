@@ -70,6 +70,33 @@ def golden_tolerance(logits: np.ndarray) -> float:
     return float(max(0.1, 0.05 * float(np.abs(logits).max())))
 
 
+#: distillation statistics that point back at corpus files, clip indices, speakers or the server's disk: never
+#: written into a pack (a device does not need them, and they identify real clips)
+PRIVATE_STATS = ("indices", "init_indices", "experts", "workdir", "val_speakers", "paths")
+
+
+def public_stats(stats: dict) -> dict:
+    """``stats`` without what identifies real clips or server paths."""
+    return {k: v for k, v in stats.items() if k not in PRIVATE_STATS}
+
+
+def privacy_claim(syn, cfg) -> dict:
+    """What a reviewer must know first: does any pack member hold real clips' features, and is it DP?
+    Learned sets that start from real clips count as holding them (a set can stay close to its start:
+    ``edge-ser pack audit`` measures how close)."""
+    from .privacy import REAL_CLIP_METHODS
+
+    if syn.method in REAL_CLIP_METHODS:
+        real, init = True, f"real clips, unchanged ({syn.method})"
+    elif cfg.init == "real":
+        real, init = True, "learned from a start of real clips"
+        if syn.stats.get("best_iteration") == 0:
+            init = "real clips, unchanged (the distillation kept its start of real clips)"
+    else:
+        real, init = False, f"learned from {cfg.init}"
+    return {"real_clips": real, "init": init, "epsilon": None, "delta": None}
+
+
 def pack(corpus, output, method: Optional[str] = None, ipc: int = 10, test_speakers=None, seed: int = 0,
          fmt: Optional[str] = None, key=None, model: str = "convnet", iterations: Optional[int] = None,
          progress: bool = True, params: Optional[dict] = None) -> dict:
@@ -164,14 +191,17 @@ def pack(corpus, output, method: Optional[str] = None, ipc: int = 10, test_speak
     created_ms = int(time.time() * 1000)
     provenance = {
         "corpus": corp.name, "corpus_format": corp.format, "corpus_utterances": int(len(fs)),
-        "corpus_bytes": corpus_bytes, "train_speakers": train.speaker_ids(), "test_speakers": test.speaker_ids(),
+        "corpus_bytes": corpus_bytes, "train_speakers": len(train.speaker_ids()), "test_speakers": test.speaker_ids(),
         "train_utterances": int(len(train)), "method": syn.method, "ipc": int(syn.ipc), "seed": int(seed),
         "iterations": iterations, "params": _jsonable(dict(cfg.params)), "versions": _versions(),
         "created_ms": created_ms,
         "golden": f"logits of θ0 trained with the schedule on synthetic samples {gidx.tolist()}",
-        "distill_stats": _jsonable(syn.stats), "distill_seconds": round(distill_seconds, 2),
-        "problems": len(problems),
+        "distill_stats": _jsonable(public_stats(syn.stats)), "distill_seconds": round(distill_seconds, 2),
+        "problems": len(problems), "privacy": privacy_claim(syn, cfg),
     }
+    if provenance["privacy"]["real_clips"]:
+        sys.stderr.write(f"edge-ser: WARNING: this pack holds real clips' features ({provenance['privacy']['init']}); "
+                         "it does not keep the corpus on the server. Measure it: edge-ser pack audit PACK CORPUS\n")
     info = write_pack(output, X=stored, y=syn.y, classes=fs.classes, feature_config=feature_cfg,
                       model_config=model_cfg, schedule=syn.schedule, theta0=theta0,
                       golden_inputs=np.ascontiguousarray(stored[gidx]),
@@ -184,6 +214,7 @@ def pack(corpus, output, method: Optional[str] = None, ipc: int = 10, test_speak
               "method": syn.method, "ipc": int(syn.ipc), "samples": int(len(syn.X)), "classes": list(fs.classes),
               "train_speakers": len(train.speaker_ids()), "test_speakers": test.speaker_ids(),
               "signed": info["signed"], "key_id": signing.key_id(private_key.public_key()),
+              "real_clips": provenance["privacy"]["real_clips"],
               "distill_seconds": round(distill_seconds, 2), "seconds": round(time.perf_counter() - t0, 2)}
     if key_note:
         result["note"] = key_note

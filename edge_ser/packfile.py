@@ -652,13 +652,32 @@ def inspect_pack(path, public_key=None) -> dict:
         "schedule": pack.schedule.to_dict(), "features": pack.feature_config.to_dict(),
         "golden": {"inputs": int(len(pack.golden_inputs)), "tolerance": pack.golden_tolerance},
         "calibration": None if pack.calibration is None else int(len(pack.calibration)),
-        "provenance": pack.provenance,
+        "provenance": pack.provenance, "privacy": privacy_line(pack.provenance),
         "members": {k: {"bytes": v["bytes"], "sha256": v["sha256"][:16], "shape": v["shape"], "dtype": v["dtype"]}
                     for k, v in sorted(m["members"].items())},
     }
     if error:
         out["error"] = error
     return out
+
+
+def _count(value) -> int:
+    """Speakers recorded as a count (current packs) or as a list of ids (packs before 0.2)."""
+    return int(value) if isinstance(value, (int, float)) else len(value or [])
+
+
+def privacy_line(provenance: Mapping[str, Any]) -> str:
+    """One line on what a pack holds: real clips' features or not, and its DP guarantee (if any)."""
+    claim = (provenance or {}).get("privacy") or {}
+    real = claim.get("real_clips")
+    if real is None:
+        method = (provenance or {}).get("method")
+        real = True if method in ("random", "herding", "kcenter") else None
+    what = {True: f"HOLDS REAL CLIPS' FEATURES ({claim.get('init', 'real-sample method')})",
+            False: f"no real clip ({claim.get('init', 'learned')})", None: "not recorded (pack made before 0.2)"}[real]
+    dp = claim.get("epsilon")
+    return what + ("; not differentially private" if dp is None else f"; (ε={dp}, δ={claim.get('delta')})-DP") + \
+        "; measure it: edge-ser pack audit PACK CORPUS"
 
 
 def format_inspect(info: dict) -> str:
@@ -680,9 +699,10 @@ def format_inspect(info: dict) -> str:
     ]
     if p:
         lines.append(f"source    corpus {p.get('corpus')}  method {p.get('method')}  ipc {p.get('ipc')}  "
-                     f"train speakers {len(p.get('train_speakers') or [])}  test speakers {p.get('test_speakers')}")
+                     f"train speakers {_count(p.get('train_speakers'))}  test speakers {p.get('test_speakers')}")
         if p.get("versions"):
             lines.append("versions  " + ", ".join(f"{k} {v}" for k, v in p["versions"].items()))
+    lines.append(f"privacy   {info.get('privacy') or privacy_line(p)}")
     lines.append("members")
     for name, e in info["members"].items():
         lines.append(f"  {name:<38} {e['bytes']:>10,}  {e['dtype']} {e['shape']}  {e['sha256']}")
