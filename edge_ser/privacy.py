@@ -466,7 +466,11 @@ def audit(pack, corpus, test_speakers=None, out_dir=None, config: AuditConfig = 
     labels = np.concatenate([members.y, non_members.y])
     is_member = np.r_[np.ones(len(members), bool), np.zeros(len(non_members), bool)]
     who = np.concatenate([members.speakers, non_members.speakers])
-    stat = confidence_scores(_logits(target, everyone), labels)
+    target_logits = _logits(target, everyone)
+    stat = confidence_scores(target_logits, labels)
+    from .metrics import scores
+
+    device_uar = scores(labels[~is_member], target_logits[~is_member].argmax(1), len(p.classes))["uar"]
     mia = {"utterance": {"threshold": attack_summary(stat[is_member], stat[~is_member])}}
     spk_stat = _by_speaker(stat, who, is_member)
     mia["speaker"] = {"threshold": attack_summary(*spk_stat)}
@@ -500,7 +504,7 @@ def audit(pack, corpus, test_speakers=None, out_dir=None, config: AuditConfig = 
         "mia_tpr_at_0.1pct_fpr": mia["utterance"][strongest]["tpr_at_0.1pct_fpr"],
         "mia_speaker_auc": mia["speaker"][strongest]["auc"],
         "mia_speaker_tpr_at_1pct_fpr": mia["speaker"][strongest]["tpr_at_1pct_fpr"],
-        "mia": mia, "shadows": config.shadows,
+        "device_uar": round(float(device_uar), 4), "mia": mia, "shadows": config.shadows,
         "shadow_method": (config.shadow_method or p.method) if config.shadows else None,
         "epsilon": claim.get("epsilon"), "delta": claim.get("delta"),
         "audio": audio, "out_dir": str(out), "config": config.to_dict(),
@@ -621,5 +625,7 @@ def format_audit(r: Dict) -> str:
     for a in r["audio"]:
         lines.append(f"listen          {r['out_dir']}/{a['pack_wav']} vs {a['nearest_real_wav']} "
                      f"(spectral correlation {a['spectral_correlation']:.2f})")
+    lines.append(f"utility         the attacked device model (θ0 trained on the pack) scores UAR {r['device_uar']:.1%} "
+                 "on the held-out speakers")
     lines.append(f"verdict         {r['verdict']}")
     return "\n".join(lines)
