@@ -10,7 +10,7 @@ RSS is the whole child process (torch included), read as VmHWM in the child (``_
 default every child gets a *cold* distillation cache (a temp ``EDGE_SER_CACHE`` sharing only the
 feature cache and the demo corpus), because fixed-init / MTT reuse cached expert trajectories and
 resume finished checkpoints: a warm cache would time a lookup, not a distillation (``--warm-cache``
-measures exactly that). The member breakdown comes from ``edge_ser.pack.inspect_pack`` (raw bytes)
+measures exactly that). The member breakdown comes from ``edge_ser.packfile.inspect_pack`` (raw bytes)
 plus the ZIP's stored (deflated) sizes. Also home of the pack-making helpers ``device`` and
 ``inference`` use.
 """

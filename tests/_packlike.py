@@ -1,4 +1,4 @@
-"""A Pack-like object built in memory for device tests (same attributes as edge_ser.pack.Pack).
+"""A Pack-like object built in memory for device tests (same attributes as edge_ser.packfile.Pack).
 
 Small features (32 Mels x 48 frames) and a narrow ConvNet keep train-local tests within seconds.
 """

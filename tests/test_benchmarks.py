@@ -122,3 +122,15 @@ def test_schedule_sweep_scores_every_grid_point(tmp_path):
     for r in rows:
         assert r["select_score"] == (r["val_uar"] + r["train_uar"]) / 2
         assert 0.0 <= r["test_uar"] <= 1.0
+
+
+@pytest.mark.slow
+def test_privacy_quick(tmp_path):
+    r = run_quick("privacy", tmp_path, timeout=900)
+    rows = {(row["method"], row["ipc"]): row for row in r["rows"]}
+    assert set(rows) == {("random", 2)}, f"rows {sorted(rows)}"
+    for row in rows.values():
+        assert row["near_copies"] == row["samples"], f"{row['method']}: a real-clip pack must be all near-copies"
+        assert row["real_clips_declared"] is True, f"{row['method']}: the pack must declare its real clips"
+        assert 0.0 <= row["mia_auc"] <= 1.0 and row["mia_attack"] == "lira" and row["shadows"] == 2
+        assert row["epsilon"] is None

@@ -17,7 +17,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import edge_ser.pack as P
+import edge_ser.packfile as P
 from edge_ser import signing, transport
 from edge_ser.store import PackStore, StoreError
 from broker import Broker, free_port, requires_mosquitto
