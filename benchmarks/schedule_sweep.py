@@ -38,7 +38,8 @@ def main(argv=None) -> int:
 
     from edge_ser.distill.experts import ExpertConfig, expert_buffer, load_trajectory
     from edge_ser.distill.fixed_init import EXPERT_LR, herding_init
-    from edge_ser.distill.mtt import init_synthetic, score
+    from edge_ser.distill.common import init_synthetic
+    from edge_ser.distill.selection import score
     from edge_ser.models import build_model, load_state_arrays
     from edge_ser.schedule import Schedule, train_schedule
 

@@ -18,8 +18,11 @@ from edge_ser.train import evaluate_arrays  # noqa: E402
 
 # tiny settings: few expert epochs and iterations; the model and features stay the product's
 FAST = (("experts", 1), ("expert_epochs", 2), ("max_start_epoch", 1), ("syn_steps", 1), ("eval_every", 2),
-        ("eval_epochs", 2), ("epoch_grid", (2, 4)), ("lr_factors", (1.0,)), ("lr_grid", ()), ("train_epochs", 2),
-        ("val_speakers", 1), ("init_select", "random"))
+        ("eval_epochs", 2), ("epoch_grid", (2, 4)), ("lr_factors", (1.0,)), ("lr_grid", ()), ("val_speakers", 1),
+        ("init_select", "random"))
+# the same for MTT, whose settings are its own
+FAST_MTT = (("experts", 1), ("expert_epochs", 2), ("max_start_epoch", 1), ("syn_steps", 1), ("eval_every", 2),
+            ("train_epochs", 2), ("val_speakers", 1))
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -90,7 +93,7 @@ def test_deterministic_with_seed_and_resumes_from_checkpoint(tmp_path):
 
 def test_schedule_round_trip_and_replay_is_exact(tmp_path):
     train = _toy()
-    syn, cfg, theta0 = _distill(train, workdir=tmp_path, params=FAST + (("robust_schedule", True), ("steps", 20)))
+    syn, cfg, theta0 = _distill(train, workdir=tmp_path, params=FAST + (("robust_schedule", True), ("robust_steps", 20)))
     rows = syn.stats["schedule_selection"]
     assert any(r.get("optimizer") == "adam" and r.get("augment") for r in rows)     # the robust recipe competed
     best = max(r["val_uar"] for r in rows)
@@ -123,7 +126,7 @@ def test_student_anchor_walks_the_device_path(tmp_path):
 def test_selection_on_validation_and_training_speakers(tmp_path):
     """select_on="val_train": the iteration and the schedule are chosen on the mean of the validation speakers'
     and the training speakers' UAR, and the recorded score is exactly that for the shipped schedule."""
-    from edge_ser.distill.mtt import split_validation
+    from edge_ser.distill.common import split_validation
 
     train = _toy()
     syn, cfg, theta0 = _distill(train, iterations=2, workdir=tmp_path,
@@ -161,7 +164,7 @@ def test_schedule_grid_tries_the_learned_and_the_fixed_step_sizes(tmp_path):
 def test_mtt_runs_and_learns_step_size(tmp_path):
     train = _toy()
     syn, _, _ = _distill(train, method="mtt", iterations=2, workdir=tmp_path,
-                         params=FAST + (("batch_syn", 4), ("epoch_grid", (2,))))
+                         params=FAST_MTT + (("batch_syn", 4), ("epoch_grid", (2,))))
     assert syn.X.shape == (4, 64, 298) and syn.y.tolist() == [0, 1, 2, 3]
     assert syn.method == "mtt" and syn.schedule.lr > 0 and syn.stats["history"]
 
@@ -255,7 +258,7 @@ def test_schedule_selection_scores_what_a_device_run_of_that_length_gives(tmp_pa
     """select_schedule scores a constant-lr run as it passes each epoch count: each score must equal an
     independent run of exactly that many epochs (augmentation and mini-batches included); with a cosine
     decay every (lr, epochs) is its own run."""
-    from edge_ser.distill.mtt import select_schedule, val_uar
+    from edge_ser.distill.selection import select_schedule, val_uar
 
     train = _toy()
     cfg, theta0 = _theta0(train)
@@ -285,3 +288,31 @@ def test_default_device_schedule_is_augmented_mini_batch_sgd(tmp_path):
     assert not syn.schedule.augment and syn.schedule.shift == 0
     with pytest.raises(ValueError, match="augment=False"):
         _distill(train, workdir=tmp_path / "c", params=FAST + (("anchor", "student"),))
+
+
+def test_unknown_or_bad_settings_fail_at_once_and_name_the_known_keys():
+    """A misspelt --param must not run a long distillation on defaults: DistillConfig refuses it when built,
+    listing the method's keys; values are coerced to the field's type or refused with the setting's name."""
+    import time
+
+    from edge_ser.distill import known_params, preset, settings_for, validate_params
+
+    t0 = time.perf_counter()
+    with pytest.raises(ValueError, match="unknown fixed-init setting 'epoch_gird'") as err:
+        DistillConfig(params=(("epoch_gird", (80,)),))
+    assert "epoch_grid" in str(err.value), "the message must list the known keys"
+    assert time.perf_counter() - t0 < 1.0, "validation must not touch data or torch"
+    with pytest.raises(ValueError, match="unknown mtt setting 'init_select'"):
+        validate_params("mtt", {"init_select": "random"})       # a fixed-init key is not an MTT key
+    with pytest.raises(ValueError, match="expert_epochs"):
+        validate_params("fixed-init", {"expert_epochs": "many"})
+    with pytest.raises(ValueError, match="select_on"):
+        validate_params("fixed-init", {"select_on": "test"})
+    s = settings_for("fixed-init", {"epoch_grid": 120, "expert_lr": 1, "augment": "false", "anchor": "student"})
+    assert s.epoch_grid == (120,), "a scalar becomes a one-element grid"
+    assert isinstance(s.expert_lr, float) and s.augment is False
+    assert set(known_params("dc")) >= {"outer_loop", "inner_loop", "epochs"}
+    assert known_params("fixed-init")["epoch_grid"] == (100, 150, 200)
+    demo = preset("demo")
+    assert demo["method"] == "fixed-init" and demo["iterations"] >= 1
+    validate_params(demo["method"], demo["params"])
