@@ -328,19 +328,22 @@ def test_single_speaker_refused_at_split(tmp_path, home):
 
 def test_pack_param_reaches_the_method_and_is_recorded(tmp_path, home):
     """`pack --param KEY=VALUE`: the method gets it (random's ``steps`` sets the device's step count), the pack's
-    provenance records it; a malformed one is one error line and no pack."""
+    provenance records it; a malformed or unknown one is one error line (naming the known keys) and no pack."""
     root = small_corpus(tmp_path / "c", speakers=("anna", "bob", "cleo"), per=2)
     env = {"EDGE_SER_CACHE": str(tmp_path / "cache")}
     base = ("pack", root, "--method", "random", "--ipc", "1", "--test-speakers", "cleo", "--key", home["private_key"])
     out = tmp_path / "p.pack"
-    proc = cli(*base, "-o", out, "--param", "steps=20", "--param", "note=80,120", "--json", env=env, timeout=180)
+    proc = cli(*base, "-o", out, "--param", "steps=20", "--param", "embed_epochs=3", "--json", env=env, timeout=180)
     assert proc.returncode == 0, proc.stderr[-2000:]
     shown = json.loads(cli("pack", "inspect", out, "--json", env=env).stdout.strip().splitlines()[-1])
-    assert shown["provenance"]["params"] == {"note": [80, 120], "steps": 20}
+    assert shown["provenance"]["params"] == {"embed_epochs": 3, "steps": 20}
     assert shown["schedule"]["epochs"] == 20          # 2 clips, full batch: 20 steps = 20 epochs
     bad = tmp_path / "bad.pack"
     assert "--param wants KEY=VALUE, got 'steps'" in one_error_line(
         cli(*base, "-o", bad, "--param", "steps", env=env, timeout=180))
+    assert not bad.exists()
+    line = one_error_line(cli(*base, "-o", bad, "--param", "note=80,120", env=env, timeout=180))
+    assert "unknown random setting 'note'; known: embed, embed_epochs" in line, line
     assert not bad.exists()
 
 def test_unknown_labels_are_one_line_each(tmp_path):
