@@ -54,7 +54,8 @@ def select_schedule(X, y, schedule: Schedule, model_cfg: ModelConfig, theta0, va
     # (lr, the epoch counts one run scores on its way)
     runs = [(lr, grid) for lr in dict.fromkeys(lrs)] if schedule.decay == "none" else \
         [(lr, [e]) for lr in dict.fromkeys(lrs) for e in grid]
-    bar = make_bar(progress, sum(wanted[-1] for _, wanted in runs), f"schedule ({len(runs)} runs)", unit="epoch")
+    bar = make_bar(progress, sum(wanted[-1] for _, wanted in runs),
+                   f"schedule: {len(runs)} device run{'s' if len(runs) != 1 else ''}", unit="epoch")
     for lr, wanted in runs:
         model = load_state_arrays(build_model(model_cfg, 0), theta0)
         steps = [0]
