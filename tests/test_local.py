@@ -5,8 +5,8 @@ import json
 
 import numpy as np
 import pytest
-
 from _packlike import make_pack
+
 from edge_ser import memory
 from edge_ser.local import train_from_pack
 
@@ -111,8 +111,8 @@ def test_micro_batches_accumulate_the_full_batch_gradient():
     import dataclasses
 
     import torch
-
     from _packlike import MODEL, class_data
+
     from edge_ser.models import build_model, input_stats, set_input_stats
     from edge_ser.schedule import Schedule, train_schedule
 
@@ -137,8 +137,8 @@ def test_forward_chunked_is_forward_with_less_memory():
     import copy
 
     import torch
-
     from _packlike import MODEL, class_data
+
     from edge_ser.models import build_model, input_stats, set_input_stats
 
     X, _ = class_data(3, seed=1)
@@ -204,8 +204,7 @@ def test_device_optimizer_is_torch_optim_bit_for_bit(kind):
 
     from edge_ser.config import default_model_config
     from edge_ser.models import build_model
-    from edge_ser.schedule import DeviceOptimizer, Schedule
-    from edge_ser.train import loss_fn
+    from edge_ser.schedule import DeviceOptimizer, Schedule, loss_fn
 
     torch.set_num_threads(1)
     opt_name, _, extra = kind.partition("-")

@@ -63,7 +63,7 @@ def distill_dc(train: FeatureSet, cfg: DistillConfig, model_cfg: ModelConfig, th
     import torch
     import torch.nn.functional as F
 
-    from ..train import loss_fn
+    from ..schedule import loss_fn
 
     setup_threads(cfg.threads)
     t_start = time.perf_counter()

@@ -45,11 +45,9 @@ from ..config import ModelConfig
 from ..data import FeatureSet
 from ..schedule import Schedule
 from .base import DistillConfig, SyntheticSet
-from .checkpoint import (load_checkpoint, opt_state_from_arrays, opt_state_to_arrays, save_checkpoint,
-                         workdir_for)
+from .checkpoint import load_checkpoint, opt_state_from_arrays, opt_state_to_arrays, save_checkpoint, workdir_for
 from .common import init_synthetic, make_bar, peak_rss_mb, setup_threads, split_validation
 from .selection import select_schedule, val_uar
-
 
 #: the experts' learning rate when ``expert_lr`` is not given, per ``expert_optimizer``
 EXPERT_LR = {"sgd": 0.3, "adam": 1e-3}
@@ -104,7 +102,7 @@ def distill_fixed_init(train: FeatureSet, cfg: DistillConfig, model_cfg: ModelCo
     from torch.func import functional_call
 
     from ..models import build_model
-    from ..train import loss_fn, spec_augment, time_shift
+    from ..schedule import loss_fn, spec_augment, time_shift
     from .experts import ExpertConfig, expert_buffer, load_trajectory
 
     t_start = time.perf_counter()

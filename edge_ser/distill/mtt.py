@@ -35,7 +35,6 @@ from .checkpoint import load_checkpoint, rng_state, save_checkpoint, workdir_for
 from .common import init_synthetic, make_bar, peak_rss_mb, setup_threads, split_validation
 from .selection import select_schedule, val_uar
 
-
 # -------------------------------------------------------------------------------------------------- MTT
 
 def distill_mtt(train: FeatureSet, cfg: DistillConfig, model_cfg: ModelConfig, theta0: Mapping[str, np.ndarray],
@@ -46,7 +45,7 @@ def distill_mtt(train: FeatureSet, cfg: DistillConfig, model_cfg: ModelConfig, t
     from torch.func import functional_call
 
     from ..models import build_model
-    from ..train import loss_fn
+    from ..schedule import loss_fn
     from .experts import ExpertConfig, expert_buffer, load_trajectory
 
     t_start = time.perf_counter()
@@ -145,7 +144,7 @@ def distill_mtt(train: FeatureSet, cfg: DistillConfig, model_cfg: ModelConfig, t
         # 3b. the student: syn_steps SGD steps with the learnable step size (BatchNorm in train mode)
         student = [{k: v.clone().requires_grad_(True) for k, v in start_params.items()}]
         labels = current_labels()
-        for step in range(syn_steps):
+        for _ in range(syn_steps):
             idx = torch.randperm(n, generator=gen)[:batch_syn]
             params = student[-1]
             out = functional_call(net, {**params, **buffers}, (x_syn[idx],))
