@@ -3,7 +3,6 @@ and on real RAVDESS speech that the distilled set beats a same-size random real 
 """
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
 
@@ -93,7 +92,8 @@ def test_deterministic_with_seed_and_resumes_from_checkpoint(tmp_path):
 
 def test_schedule_round_trip_and_replay_is_exact(tmp_path):
     train = _toy()
-    syn, cfg, theta0 = _distill(train, workdir=tmp_path, params=FAST + (("robust_schedule", True), ("robust_steps", 20)))
+    syn, cfg, theta0 = _distill(train, workdir=tmp_path,
+                                params=FAST + (("robust_schedule", True), ("robust_steps", 20)))
     rows = syn.stats["schedule_selection"]
     assert any(r.get("optimizer") == "adam" and r.get("augment") for r in rows)     # the robust recipe competed
     best = max(r["val_uar"] for r in rows)
@@ -227,7 +227,7 @@ def test_time_shift_rolls_each_clip_by_its_own_bounded_amount():
     draw their own shifts from the generator, and gradients flow (the distiller unrolls through it)."""
     import torch
 
-    from edge_ser.train import time_shift
+    from edge_ser.schedule import time_shift
 
     x = torch.arange(6 * 2 * 40, dtype=torch.float32).reshape(6, 2, 40).requires_grad_(True)
     out = time_shift(x, 5, torch.Generator().manual_seed(3))
@@ -316,3 +316,25 @@ def test_unknown_or_bad_settings_fail_at_once_and_name_the_known_keys():
     demo = preset("demo")
     assert demo["method"] == "fixed-init" and demo["iterations"] >= 1
     validate_params(demo["method"], demo["params"])
+
+
+def test_expert_training_and_schedule_choice_show_progress_on_stderr_only_when_asked(tmp_path, capsys):
+    """The long silent phases after the distillation bar (experts, the schedule choice's device trainings) show a
+    bar on stderr with progress=True, and print nothing with progress=False (``--json``)."""
+    from edge_ser.distill.experts import ExpertConfig, expert_buffer
+    from edge_ser.distill.selection import select_schedule
+
+    train = _toy()
+    cfg, theta0 = _theta0(train)
+    base = Schedule(lr=0.05, epochs=1, batch_size=4, seed=0)
+    for progress in (False, True):
+        expert_buffer(train, cfg, ExpertConfig(epochs=1, batch_size=8), theta0=theta0, count=1,
+                      root=tmp_path / f"experts{progress}", threads=1, progress=progress)
+        select_schedule(train.X[:8], train.y[:8], base, cfg, theta0, train, epoch_grid=(1, 2), progress=progress)
+        out, err = capsys.readouterr()
+        assert out == "", "progress must never reach stdout (--json prints only the result there)"
+        if progress:
+            assert "experts (1 to train)" in err, "expert training shows its bar"
+            assert "schedule: 1 device run" in err, "the schedule choice shows its bar"
+        else:
+            assert err == "", f"progress=False must print nothing, got {err[:200]!r}"
