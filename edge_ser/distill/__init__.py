@@ -5,7 +5,7 @@ and defaults, ``validate_params(method, params)`` refuses an unknown key at once
 demo-size run of the default method.
 """
 from .base import DEFAULT_METHOD, METHODS, DistillConfig, SyntheticSet, distill
-from .settings import known_params, preset, settings_for, validate_params
+from .settings import known_params, params_help, preset, settings_for, validate_params
 
-__all__ = ["DEFAULT_METHOD", "METHODS", "DistillConfig", "SyntheticSet", "distill", "known_params", "preset",
-           "settings_for", "validate_params"]
+__all__ = ["DEFAULT_METHOD", "METHODS", "DistillConfig", "SyntheticSet", "distill", "known_params", "params_help",
+           "preset", "settings_for", "validate_params"]

@@ -333,3 +333,21 @@ def known_params(method: str) -> Dict[str, Any]:
     if method not in SETTINGS:
         raise ValueError(f"unknown distillation method {method!r}; known: {', '.join(SETTINGS)}")
     return SETTINGS[method].defaults()
+
+
+def params_help(methods=None, width: int = 100) -> str:
+    """Every method's ``--param`` keys with their defaults, wrapped for ``--help`` (one paragraph per method).
+
+    >>> params_help(["random"]).splitlines()[0]
+    'random: embed=theta0, embed_epochs=2, lr=0.001, steps=300, batch_size=64, augment=True'
+    """
+    import textwrap
+
+    def show(v):
+        return ",".join(map(str, v)) if isinstance(v, tuple) else str(v)
+
+    out = []
+    for method in methods or SETTINGS:
+        keys = ", ".join(f"{k}={show(v)}" for k, v in known_params(method).items())
+        out.append(textwrap.fill(f"{method}: {keys}", width=width, subsequent_indent="  "))
+    return "\n".join(out)
