@@ -61,31 +61,42 @@ def _distill(train, method="fixed-init", ipc=1, iterations=2, seed=0, workdir=No
 def test_shapes_labels_and_stats(tmp_path):
     train = _toy()
     syn, cfg, _ = _distill(train, ipc=2, workdir=tmp_path)
-    assert syn.X.shape == (8, 64, 298) and syn.X.dtype == np.float32 and np.isfinite(syn.X).all()
+    assert syn.X.shape == (8, 64, 298)
+    assert syn.X.dtype == np.float32
+    assert np.isfinite(syn.X).all()
     assert syn.y.tolist() == [0, 0, 1, 1, 2, 2, 3, 3]  # hard labels by default
     soft, _, _ = _distill(train, ipc=2, iterations=1, workdir=tmp_path / "soft",
                           params=FAST + (("teacher_labels", True),))
-    assert soft.y.shape == (8, 4) and np.allclose(soft.y.sum(1), 1.0, atol=1e-5)  # teacher soft labels
+    assert soft.y.shape == (8, 4)  # teacher soft labels
+    assert np.allclose(soft.y.sum(1), 1.0, atol=1e-5)
     assert syn.stats["init_labels"] == [0, 0, 1, 1, 2, 2, 3, 3]
-    assert syn.method == "fixed-init" and syn.ipc == 2 and syn.classes == train.classes
-    assert syn.schedule.optimizer == "sgd" and syn.schedule.lr > 0 and syn.schedule.epochs in (2, 4)
+    assert syn.method == "fixed-init"
+    assert syn.ipc == 2
+    assert syn.classes == train.classes
+    assert syn.schedule.optimizer == "sgd"
+    assert syn.schedule.lr > 0
+    assert syn.schedule.epochs in (2, 4)
     for key in ("seconds", "peak_rss_mb", "iterations", "history"):
         assert key in syn.stats
-    assert syn.stats["history"] and all(0.0 <= h["val_uar"] <= 1.0 for h in syn.stats["history"])
+    assert syn.stats["history"]
+    assert all(0.0 <= h["val_uar"] <= 1.0 for h in syn.stats["history"])
 
 
 def test_deterministic_with_seed_and_resumes_from_checkpoint(tmp_path):
     train = _toy()
     a, _, _ = _distill(train, iterations=4, workdir=tmp_path / "a")
     b, _, _ = _distill(train, iterations=4, workdir=tmp_path / "b")
-    assert np.array_equal(a.X, b.X) and np.array_equal(a.y, b.y) and a.schedule == b.schedule
+    assert np.array_equal(a.X, b.X)
+    assert np.array_equal(a.y, b.y)
+    assert a.schedule == b.schedule
     c, _, _ = _distill(train, iterations=1, workdir=tmp_path / "c", seed=1)
     assert not np.array_equal(a.X[:, :, :8], c.X[:, :, :8])  # another seed draws other clips
 
     _distill(train, iterations=2, workdir=tmp_path / "r")          # "interrupted" after 2 iterations
     assert (tmp_path / "r" / "fixed_init_checkpoint.npz").exists()
     resumed, _, _ = _distill(train, iterations=4, workdir=tmp_path / "r")  # continues from iteration 2
-    assert np.allclose(a.X, resumed.X, atol=1e-5) and np.allclose(a.y, resumed.y, atol=1e-6)
+    assert np.allclose(a.X, resumed.X, atol=1e-5)
+    assert np.allclose(a.y, resumed.y, atol=1e-6)
     assert a.schedule == resumed.schedule
     assert [h["iteration"] for h in a.stats["history"]] == [h["iteration"] for h in resumed.stats["history"]]
 
@@ -117,8 +128,10 @@ def test_student_anchor_walks_the_device_path(tmp_path):
     syn, cfg, theta0 = _distill(train, iterations=3, workdir=tmp_path,
                                 params=FAST + (("anchor", "student"), ("augment", False), ("path_every", 2),
                                               ("lr_img", 0.1)))
-    assert syn.X.shape == (4, 64, 298) and np.isfinite(syn.X).all()
-    assert syn.stats["history"] and syn.schedule.lr > 0
+    assert syn.X.shape == (4, 64, 298)
+    assert np.isfinite(syn.X).all()
+    assert syn.stats["history"]
+    assert syn.schedule.lr > 0
     with pytest.raises(ValueError, match="anchor"):
         _distill(train, iterations=1, workdir=tmp_path / "bad", params=FAST + (("anchor", "nowhere"),))
 
@@ -165,8 +178,11 @@ def test_mtt_runs_and_learns_step_size(tmp_path):
     train = _toy()
     syn, _, _ = _distill(train, method="mtt", iterations=2, workdir=tmp_path,
                          params=FAST_MTT + (("batch_syn", 4), ("epoch_grid", (2,))))
-    assert syn.X.shape == (4, 64, 298) and syn.y.tolist() == [0, 1, 2, 3]
-    assert syn.method == "mtt" and syn.schedule.lr > 0 and syn.stats["history"]
+    assert syn.X.shape == (4, 64, 298)
+    assert syn.y.tolist() == [0, 1, 2, 3]
+    assert syn.method == "mtt"
+    assert syn.schedule.lr > 0
+    assert syn.stats["history"]
 
 
 def test_augmented_unroll_ships_an_augmented_schedule(tmp_path):
@@ -175,7 +191,9 @@ def test_augmented_unroll_ships_an_augmented_schedule(tmp_path):
     vectors still check it)."""
     train = _toy()
     syn, cfg, theta0 = _distill(train, iterations=2, workdir=tmp_path, params=FAST + (("augment", True),))
-    assert syn.schedule.augment and np.all(np.isfinite(syn.X)) and syn.X.shape == (4, 64, 298)
+    assert syn.schedule.augment
+    assert np.all(np.isfinite(syn.X))
+    assert syn.X.shape == (4, 64, 298)
     assert syn.stats["history"]
     runs = []
     for _ in range(2):
@@ -244,11 +262,15 @@ def test_time_shift_rolls_each_clip_by_its_own_bounded_amount():
 
 def test_schedule_shift_and_decay_round_trip_and_stay_readable_when_off():
     plain = Schedule(lr=0.1, epochs=5)
-    assert "shift" not in plain.to_dict() and "decay" not in plain.to_dict()   # an older reader takes it
+    assert "shift" not in plain.to_dict()  # an older reader takes it
+    assert "decay" not in plain.to_dict()
     s = Schedule(lr=0.2, epochs=5, batch_size=16, augment=True, shift=60, decay="cosine")
-    assert Schedule.from_dict(s.to_dict()) == s and s.to_dict()["shift"] == 60
-    assert s.lr_at(0, 10) == pytest.approx(0.2) and s.lr_at(5, 10) == pytest.approx(0.1)
-    assert s.lr_at(9, 10) < 0.01 and plain.lr_at(9, 10) == 0.1
+    assert Schedule.from_dict(s.to_dict()) == s
+    assert s.to_dict()["shift"] == 60
+    assert s.lr_at(0, 10) == pytest.approx(0.2)
+    assert s.lr_at(5, 10) == pytest.approx(0.1)
+    assert s.lr_at(9, 10) < 0.01
+    assert plain.lr_at(9, 10) == 0.1
     for bad in (dict(decay="linear"), dict(shift=-1), dict(shift=1.5)):
         with pytest.raises(ValueError):
             Schedule(**bad)
@@ -270,7 +292,9 @@ def test_schedule_selection_scores_what_a_device_run_of_that_length_gives(tmp_pa
         assert r["val_uar"] == val_uar(X, y, base.replace(lr=r["lr"], epochs=r["epochs"]), cfg, theta0, train)
     cosine = base.replace(decay="cosine")
     best, uar, table = select_schedule(X, y, cosine, cfg, theta0, train, epoch_grid=(1, 3), extra_lrs=(0.2,))
-    assert len(table) == 4 and best.decay == "cosine" and uar == max(r["val_uar"] for r in table)
+    assert len(table) == 4
+    assert best.decay == "cosine"
+    assert uar == max(r["val_uar"] for r in table)
     r = table[-1]
     assert r["val_uar"] == val_uar(X, y, cosine.replace(lr=r["lr"], epochs=r["epochs"]), cfg, theta0, train)
 
@@ -285,7 +309,8 @@ def test_default_device_schedule_is_augmented_mini_batch_sgd(tmp_path):
     assert (s.optimizer, s.batch_size, s.decay, s.augment, s.shift) == ("sgd", 3, "cosine", True, round(0.2 * 298))
     syn, _, _ = _distill(train, ipc=2, workdir=tmp_path / "b",
                          params=FAST + (("augment", False), ("device_augment", False)))
-    assert not syn.schedule.augment and syn.schedule.shift == 0
+    assert not syn.schedule.augment
+    assert syn.schedule.shift == 0
     with pytest.raises(ValueError, match="augment=False"):
         _distill(train, workdir=tmp_path / "c", params=FAST + (("anchor", "student"),))
 
@@ -310,11 +335,13 @@ def test_unknown_or_bad_settings_fail_at_once_and_name_the_known_keys():
         validate_params("fixed-init", {"select_on": "test"})
     s = settings_for("fixed-init", {"epoch_grid": 120, "expert_lr": 1, "augment": "false", "anchor": "student"})
     assert s.epoch_grid == (120,), "a scalar becomes a one-element grid"
-    assert isinstance(s.expert_lr, float) and s.augment is False
+    assert isinstance(s.expert_lr, float)
+    assert s.augment is False
     assert set(known_params("dc")) >= {"outer_loop", "inner_loop", "epochs"}
     assert known_params("fixed-init")["epoch_grid"] == (100, 150, 200)
     demo = preset("demo")
-    assert demo["method"] == "fixed-init" and demo["iterations"] >= 1
+    assert demo["method"] == "fixed-init"
+    assert demo["iterations"] >= 1
     validate_params(demo["method"], demo["params"])
 
 
