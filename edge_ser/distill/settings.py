@@ -180,6 +180,8 @@ class FixedInitSettings(MethodSettings):
             raise ValueError("fixed-init: anchor='student' needs augment=False (its path is not augmented)")
         if not self.epoch_grid or min(self.epoch_grid) < 1:
             raise ValueError(f"fixed-init epoch_grid needs epoch counts >= 1, got {self.epoch_grid!r}")
+        if not (self.lr_factors or self.lr_grid):
+            raise ValueError("fixed-init needs a step size to try: lr_factors and lr_grid are both empty")
 
     @classmethod
     def demo(cls) -> "FixedInitSettings":
