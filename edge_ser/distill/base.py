@@ -60,6 +60,11 @@ class DistillConfig(_JsonMixin):
 
         return settings_for(self.method, self.params)
 
+    def param(self, key: str, default=None):
+        """The raw ``params`` override for ``key`` (``default`` when not given). Kept for callers of the earlier
+        API; the typed value with the method's default is ``cfg.settings.<key>``."""
+        return dict(self.params).get(key, default)
+
     @property
     def iterations_or_default(self) -> int:
         """``iterations``, or the method's default when it is None."""
