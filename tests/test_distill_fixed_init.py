@@ -339,6 +339,10 @@ def test_unknown_or_bad_settings_fail_at_once_and_name_the_known_keys():
     assert s.augment is False
     assert set(known_params("dc")) >= {"outer_loop", "inner_loop", "epochs"}
     assert known_params("fixed-init")["epoch_grid"] == (100, 150, 200)
+    from edge_ser.distill import METHODS
+    from edge_ser.distill.settings import SETTINGS
+
+    assert set(SETTINGS) == set(METHODS), "every registered method needs its settings class (settings.SETTINGS)"
     demo = preset("demo")
     assert demo["method"] == "fixed-init"
     assert demo["iterations"] >= 1
