@@ -50,12 +50,25 @@ def print_machine_info(info: Dict[str, Any] | None = None) -> Dict[str, Any]:
     return info
 
 
+def portable(obj):
+    """``obj`` with this checkout's and the home folder's absolute paths made relative (``benchmarks/x.py``,
+    ``~/...``), so committed results name no machine's folders."""
+    if isinstance(obj, dict):
+        return {k: portable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [portable(v) for v in obj]
+    if isinstance(obj, str):
+        repo, home = str(Path(__file__).resolve().parents[1]), str(Path.home())
+        return obj.replace(repo + os.sep, "").replace(home + os.sep, "~" + os.sep)
+    return obj
+
+
 def write_json(path, obj) -> Path:
-    """Write ``obj`` as indented JSON (creating folders), atomically via a temp file."""
+    """Write ``obj`` as indented JSON (creating folders), atomically via a temp file; paths made portable."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=_jsonable))
+    tmp.write_text(json.dumps(portable(obj), indent=2, sort_keys=True, default=_jsonable))
     os.replace(tmp, path)
     return path
 

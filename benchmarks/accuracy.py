@@ -75,7 +75,7 @@ def default_corpus() -> str:
 def fixed_init_split(corpus: str, test_speakers: Optional[str], val_speakers: int):
     """What fixed-init sees of ``corpus``: (train, test, held, model_cfg, theta0, fit, val); ``val`` is the last
     ``val_speakers`` training speakers, ``fit`` the rest (what its experts train on)."""
-    from edge_ser.distill.mtt import split_validation
+    from edge_ser.distill.common import split_validation
 
     train, test, held = load_split(corpus, test_speakers, False)
     model_cfg, theta0 = make_theta0(train)
@@ -217,6 +217,7 @@ def main(argv=None) -> int:
     import torch
 
     from edge_ser.config import TrainConfig
+    from edge_ser.distill import known_params
     from edge_ser.distill.evaluate import evaluate_full, evaluate_synthetic
 
     torch.set_num_threads(a.threads)
@@ -237,7 +238,8 @@ def main(argv=None) -> int:
     rows: List[Dict] = []
     for spec in filter(None, a.methods.split(",")):
         method, params = parse_method(spec)
-        params = tuple(dict(extra + params).items())
+        known = known_params(method)     # --quick's shortcuts, for the methods that take them
+        params = tuple(dict(tuple(kv for kv in extra if kv[0] in known) + params).items())
         for ipc in [int(v) for v in a.ipc.split(",")]:
             syn, rss, secs = run_in_child(distill_job, corpus, a.test_speakers, a.quick, method, params, ipc,
                                           a.iterations, a.distill_seed, a.threads, a.arch)

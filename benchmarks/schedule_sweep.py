@@ -1,7 +1,7 @@
 """Benchmark `schedule_sweep`: how a small set's UAR from θ0 depends on the device's step size and step count.
 
-Until 2026-12-03 a device trained θ0 on the pack's set with plain full-batch SGD, no augmentation (since then
-fixed-init ships an augmented mini-batch recipe; edge_ser/distill/fixed_init.py). This trains θ0 on a given IPC-sized set over a
+It trains θ0 the plain way (full-batch SGD, no augmentation: the recipe packs shipped before fixed-init's
+augmented mini-batch one, see CHANGELOG.md) on a given IPC-sized set over a
 grid of step sizes × step counts and records, at every grid point, the score fixed-init selects on (mean of the
 validation speakers' and the training speakers' UAR) and the test speakers' UAR, so one can see where training
 has settled and whether the selection score ranks what the test speakers see.
@@ -36,9 +36,10 @@ def main(argv=None) -> int:
 
     import torch
 
+    from edge_ser.distill.common import init_synthetic
     from edge_ser.distill.experts import ExpertConfig, expert_buffer, load_trajectory
     from edge_ser.distill.fixed_init import EXPERT_LR, herding_init
-    from edge_ser.distill.mtt import init_synthetic, score
+    from edge_ser.distill.selection import score
     from edge_ser.models import build_model, load_state_arrays
     from edge_ser.schedule import Schedule, train_schedule
 

@@ -112,6 +112,9 @@ def pack(corpus, output, method: Optional[str] = None, ipc: int = 10, test_speak
     >>> info = pack("demo", "demo.pack", ipc=10)          # doctest: +SKIP
     >>> info["pack_id"], info["bytes"]                     # doctest: +SKIP
     """
+    from .distill import DEFAULT_METHOD, validate_params
+
+    validate_params(method or DEFAULT_METHOD, params)   # a misspelt --param fails now, before torch and the corpus
     import torch
 
     from . import signing

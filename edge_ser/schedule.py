@@ -1,7 +1,11 @@
-"""How a device trains the fixed initialisation on a synthetic set: the schedule that travels in a pack.
+"""The device recipe: how a device trains the fixed initialisation on a synthetic set, in one place.
 
-Distillation optimises the synthetic set *for this exact procedure* (and may learn its step size), and
-``train-local`` replays it, so server-side evaluation and on-device training cannot drift apart.
+The :class:`Schedule` (optimiser, step size and decay, epochs, mini-batch, augmentation) travels in a pack; the
+augmentations (:func:`time_shift`, :func:`spec_augment`), the loss (:func:`loss_fn`), the optimiser step
+(:class:`DeviceOptimizer`) and the loop (:func:`train_schedule`) are what a device runs. Distillation optimises
+the synthetic set *for this exact procedure* (and may learn its step size), every server-side score trains with
+it, and ``train-local`` replays it, so server-side evaluation and on-device training cannot drift apart. The
+server's full-data fit (:mod:`edge_ser.train`) borrows the loss and SpecAugment from here, not the other way round.
 
 >>> s = Schedule(lr=0.02, epochs=200)
 >>> Schedule.from_dict(s.to_dict()) == s
@@ -11,11 +15,14 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Dict, List, Optional
+from typing import TYPE_CHECKING, Dict, List, Optional
 
 import numpy as np
 
 from .config import _JsonMixin
+
+if TYPE_CHECKING:   # torch is imported where it is used: reading a schedule needs only numpy
+    import torch
 
 
 @dataclass(frozen=True)
@@ -60,6 +67,49 @@ class Schedule(_JsonMixin):
         """Optimiser steps for a synthetic set of ``n`` samples."""
         bs = n if self.batch_size in (0, None) or self.batch_size >= n else self.batch_size
         return self.epochs * (-(-n // bs))
+
+
+def spec_augment(x: "torch.Tensor", fill: "torch.Tensor", gen: "torch.Generator",
+                 max_time: int = 30, max_freq: int = 8) -> "torch.Tensor":
+    """One time mask and one frequency mask per example, filled with the per-band mean ``fill``."""
+    import torch
+
+    x = x.clone()
+    b, n_mels, frames = x.shape
+    for i in range(b):
+        t = int(torch.randint(0, max_time + 1, (1,), generator=gen))
+        t0 = int(torch.randint(0, max(1, frames - t), (1,), generator=gen))
+        f = int(torch.randint(0, max_freq + 1, (1,), generator=gen))
+        f0 = int(torch.randint(0, max(1, n_mels - f), (1,), generator=gen))
+        x[i, :, t0:t0 + t] = fill[:, None]
+        x[i, f0:f0 + f, :] = fill[f0:f0 + f, None]
+    return x
+
+
+def time_shift(x: "torch.Tensor", max_shift: int, gen: "torch.Generator") -> "torch.Tensor":
+    """Roll every example along time by its own whole number of frames in ``[-max_shift, max_shift]``
+    (circular: the frames pushed off one end come back at the other, as a repeated clip would).
+    Differentiable in ``x`` (a gather), so the distiller can unroll through it."""
+    import torch
+
+    b, n_mels, frames = x.shape
+    shifts = torch.randint(-int(max_shift), int(max_shift) + 1, (b,), generator=gen)
+    index = (torch.arange(frames)[None, :] - shifts[:, None]) % frames
+    return torch.gather(x, 2, index[:, None, :].expand(b, n_mels, frames))
+
+
+def loss_fn(logits: "torch.Tensor", target: "torch.Tensor", weight: "Optional[torch.Tensor]" = None,
+            label_smoothing: float = 0.0) -> "torch.Tensor":
+    """Cross-entropy for hard labels (int) or soft labels (float rows summing to 1)."""
+    import torch.nn.functional as F
+
+    if target.dtype.is_floating_point:
+        logp = F.log_softmax(logits, dim=1)
+        per = -(target * logp)
+        if weight is not None:
+            per = per * weight[None, :]
+        return per.sum(dim=1).mean()
+    return F.cross_entropy(logits, target, weight=weight, label_smoothing=label_smoothing)
 
 
 class DeviceOptimizer:
@@ -131,8 +181,6 @@ def train_schedule(model, X: np.ndarray, y: np.ndarray, schedule: Schedule, prog
     (so the result is close to, not equal to, the exact schedule's).
     """
     import torch
-
-    from .train import loss_fn, spec_augment, time_shift
 
     gen = torch.Generator().manual_seed(schedule.seed)
     Xt = torch.as_tensor(np.asarray(X, dtype=np.float32))

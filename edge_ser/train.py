@@ -1,4 +1,8 @@
-"""Supervised training and evaluation of a model on log-Mel features (the full-data baseline).
+"""The server's full-data fit and evaluation of a model on log-Mel features (the baseline, experts, teachers).
+
+The loss and augmentations are the device recipe's (:mod:`edge_ser.schedule`), so a full-data fit and a device's
+training on a pack treat clips alike; this module adds what only the server needs (AdamW or momentum SGD over
+all the data, cosine annealing, class balancing, evaluation).
 
 >>> from edge_ser.config import ModelConfig, TrainConfig          # doctest: +SKIP
 >>> model = build_model(ModelConfig(num_classes=8), seed=0)         # doctest: +SKIP
@@ -12,53 +16,16 @@ from typing import Callable, Dict, List, Optional
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from .config import TrainConfig
 from .metrics import scores
+from .schedule import loss_fn, spec_augment, time_shift  # noqa: F401  (the device recipe; time_shift re-exported)
 
 
 def set_threads(threads: Optional[int]) -> None:
     """Pin torch's intra-op threads (None leaves torch's default)."""
     if threads:
         torch.set_num_threads(int(threads))
-
-
-def spec_augment(x: torch.Tensor, fill: torch.Tensor, gen: torch.Generator,
-                 max_time: int = 30, max_freq: int = 8) -> torch.Tensor:
-    """One time mask and one frequency mask per example, filled with the per-band mean ``fill``."""
-    x = x.clone()
-    b, n_mels, frames = x.shape
-    for i in range(b):
-        t = int(torch.randint(0, max_time + 1, (1,), generator=gen))
-        t0 = int(torch.randint(0, max(1, frames - t), (1,), generator=gen))
-        f = int(torch.randint(0, max_freq + 1, (1,), generator=gen))
-        f0 = int(torch.randint(0, max(1, n_mels - f), (1,), generator=gen))
-        x[i, :, t0:t0 + t] = fill[:, None]
-        x[i, f0:f0 + f, :] = fill[f0:f0 + f, None]
-    return x
-
-
-def time_shift(x: torch.Tensor, max_shift: int, gen: torch.Generator) -> torch.Tensor:
-    """Roll every example along time by its own whole number of frames in ``[-max_shift, max_shift]``
-    (circular: the frames pushed off one end come back at the other, as a repeated clip would).
-    Differentiable in ``x`` (a gather), so the distiller can unroll through it."""
-    b, n_mels, frames = x.shape
-    shifts = torch.randint(-int(max_shift), int(max_shift) + 1, (b,), generator=gen)
-    index = (torch.arange(frames)[None, :] - shifts[:, None]) % frames
-    return torch.gather(x, 2, index[:, None, :].expand(b, n_mels, frames))
-
-
-def loss_fn(logits: torch.Tensor, target: torch.Tensor, weight: Optional[torch.Tensor] = None,
-            label_smoothing: float = 0.0) -> torch.Tensor:
-    """Cross-entropy for hard labels (int) or soft labels (float rows summing to 1)."""
-    if target.dtype.is_floating_point:
-        logp = F.log_softmax(logits, dim=1)
-        per = -(target * logp)
-        if weight is not None:
-            per = per * weight[None, :]
-        return per.sum(dim=1).mean()
-    return F.cross_entropy(logits, target, weight=weight, label_smoothing=label_smoothing)
 
 
 def make_optimizer(params, cfg: TrainConfig):

@@ -1,4 +1,10 @@
-"""Shared test fixtures: paths to the real corpora (skipped cleanly when absent) and cached features."""
+"""Shared test fixtures: the real corpora (skipped cleanly when absent) and cached features, a private signing home,
+a private feature cache, a real mosquitto broker.
+
+Tiers: ``bash tests/run.sh`` runs the tests not marked ``slow`` (a few minutes, still real mosquitto, ONNX Runtime
+and a RAVDESS slice when present); ``bash tests/run.sh --full`` runs all. Mark a test ``@pytest.mark.slow`` when it
+takes more than ~10 s on a 2-core CPU.
+"""
 from __future__ import annotations
 
 import os
@@ -36,3 +42,37 @@ def ravdess_features(ravdess_path):
 
     fs, _ = load_features(ravdess_path)
     return fs.split_speakers(RAVDESS_TEST)
+
+
+#: the device id the ``home`` fixture sets (status topics end in it)
+DEVICE_ID = "testdev"
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch):
+    """A signing key pair in a private ``EDGE_SER_HOME``, a fixed device id, unsigned packs not allowed."""
+    from edge_ser import signing
+    from edge_ser.packfile import ALLOW_UNSIGNED_ENV
+
+    monkeypatch.setenv("EDGE_SER_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("EDGE_SER_DEVICE_ID", DEVICE_ID)
+    monkeypatch.delenv(ALLOW_UNSIGNED_ENV, raising=False)
+    return signing.keygen()
+
+
+@pytest.fixture
+def private_cache(tmp_path, monkeypatch):
+    """Features, experts and checkpoints cached under this test's own folder."""
+    monkeypatch.setenv("EDGE_SER_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+@pytest.fixture
+def broker(tmp_path):
+    """A real mosquitto broker on 127.0.0.1 (tests/broker.py), stopped after the test."""
+    from broker import Broker
+
+    b = Broker(tmp_path / "broker")
+    b.start()
+    yield b
+    b.stop()

@@ -108,6 +108,7 @@ def test_accuracy_method_specs_parse_numbers_flags_and_tuples():
                             "teacher_labels": True}
 
 
+@pytest.mark.slow
 def test_schedule_sweep_scores_every_grid_point(tmp_path):
     """`benchmarks.schedule_sweep` on the built-in corpus, a random subset, a 1 x 2 grid: one row per (lr, steps)
     with the selection score = mean of the validation and training speakers' UAR."""

@@ -30,30 +30,8 @@ pytestmark = [pytest.mark.faults]
 # ---------------------------------------------------------------- helpers and fixtures
 
 @pytest.fixture(autouse=True)
-def private_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("EDGE_SER_CACHE", str(tmp_path / "cache"))
-
-
-@pytest.fixture
-def home(tmp_path, monkeypatch):
-    """A signing key pair in a private EDGE_SER_HOME (unsigned packs not allowed)."""
-    from edge_ser import signing
-    from edge_ser.packfile import ALLOW_UNSIGNED_ENV
-
-    monkeypatch.setenv("EDGE_SER_HOME", str(tmp_path / "home"))
-    monkeypatch.setenv("EDGE_SER_DEVICE_ID", "faultdev")
-    monkeypatch.delenv(ALLOW_UNSIGNED_ENV, raising=False)
-    return signing.keygen()
-
-
-@pytest.fixture
-def broker(tmp_path):
-    from broker import Broker
-
-    b = Broker(tmp_path / "broker")
-    b.start()
-    yield b
-    b.stop()
+def _private_cache(private_cache):
+    """Every test here caches under its own folder (``home`` and ``broker`` come from conftest)."""
 
 
 def requires_mosquitto(fn):
@@ -218,6 +196,7 @@ def small_corpus(root: Path, speakers=("anna", "bob"), classes=("happy", "sad"),
     return root
 
 
+@pytest.mark.slow
 def test_corpus_with_every_bad_entry_cli_report(tmp_path):
     """``edge-ser corpus info`` on a corpus holding every kind of bad entry: exit 0, one problem line per
     bad file, notes for clipping / DC offset / wrong extension / duplicates, the rest usable."""
@@ -301,6 +280,7 @@ def test_empty_class_folder_is_left_out_with_a_problem_line(tmp_path):
     assert fs.classes == ("happy", "sad") and len(fs) == 8
 
 
+@pytest.mark.slow
 def test_single_speaker_refused_at_split(tmp_path, home):
     """One speaker only: ``corpus info`` warns, and ``pack`` refuses (one line, exit 1, no file
     written) before any distillation, with the default split and with the speaker held out explicitly."""
@@ -326,21 +306,25 @@ def test_single_speaker_refused_at_split(tmp_path, home):
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_pack_param_reaches_the_method_and_is_recorded(tmp_path, home):
     """`pack --param KEY=VALUE`: the method gets it (random's ``steps`` sets the device's step count), the pack's
-    provenance records it; a malformed one is one error line and no pack."""
+    provenance records it; a malformed or unknown one is one error line (naming the known keys) and no pack."""
     root = small_corpus(tmp_path / "c", speakers=("anna", "bob", "cleo"), per=2)
     env = {"EDGE_SER_CACHE": str(tmp_path / "cache")}
     base = ("pack", root, "--method", "random", "--ipc", "1", "--test-speakers", "cleo", "--key", home["private_key"])
     out = tmp_path / "p.pack"
-    proc = cli(*base, "-o", out, "--param", "steps=20", "--param", "note=80,120", "--json", env=env, timeout=180)
+    proc = cli(*base, "-o", out, "--param", "steps=20", "--param", "embed_epochs=3", "--json", env=env, timeout=180)
     assert proc.returncode == 0, proc.stderr[-2000:]
     shown = json.loads(cli("pack", "inspect", out, "--json", env=env).stdout.strip().splitlines()[-1])
-    assert shown["provenance"]["params"] == {"note": [80, 120], "steps": 20}
+    assert shown["provenance"]["params"] == {"embed_epochs": 3, "steps": 20}
     assert shown["schedule"]["epochs"] == 20          # 2 clips, full batch: 20 steps = 20 epochs
     bad = tmp_path / "bad.pack"
     assert "--param wants KEY=VALUE, got 'steps'" in one_error_line(
         cli(*base, "-o", bad, "--param", "steps", env=env, timeout=180))
+    assert not bad.exists()
+    line = one_error_line(cli(*base, "-o", bad, "--param", "note=80,120", env=env, timeout=180))
+    assert "unknown random setting 'note'; known: embed, embed_epochs" in line, line
     assert not bad.exists()
 
 def test_unknown_labels_are_one_line_each(tmp_path):
@@ -523,6 +507,7 @@ def test_power_loss_during_model_swap_keeps_a_complete_model(tmp_path):
 
 # ================================================================ device: memory budget
 
+@pytest.mark.slow
 def test_memory_budget_too_small_cli_refuses_and_keeps_model(tmp_path, home):
     """``train-local --memory-budget-mb 50``: exit 1 with one line naming the budget (no OOM kill), and
     the previous model folder untouched."""
@@ -540,6 +525,7 @@ def test_memory_budget_too_small_cli_refuses_and_keeps_model(tmp_path, home):
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".model.")]
 
 
+@pytest.mark.slow
 def test_lean_cli_restarts_itself_with_huge_pages_and_trains_the_same(tmp_path, home):
     """``train-local --lean`` execs itself once with glibc's huge-page tunable (read only at process start),
     trains in channel groups on the lean heap, and passes the pack's golden check."""
@@ -583,6 +569,7 @@ def _stored(tmp_path, home, seq=10):
     return store, p
 
 
+@pytest.mark.slow
 @requires_mosquitto
 def test_agent_cli_broker_down_wrong_password_wrong_ca(tmp_path, home, broker):
     """The agent CLI against a dead port, with a wrong password, and over TLS with a CA that did not
@@ -723,7 +710,7 @@ def test_junk_flood_during_delivery_agent_stores_pack_with_bounded_memory(tmp_pa
     assert list(store.incoming.iterdir()) == []
 
 
-def _status(b, device="faultdev") -> str:
+def _status(b, device="testdev") -> str:
     """The retained status message of ``device`` on the broker ('' when none)."""
     from edge_ser import transport
 

@@ -45,6 +45,7 @@ def test_torch_twin_is_batched_and_differentiable():
     assert torch.allclose(single, out[1].detach(), atol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cfg", [CFG, FeatureConfig(n_fft=512, hop_length=256, n_mels=40, f_min=20.0, f_max=7600.0)])
 def test_against_librosa(cfg):
     librosa = pytest.importorskip("librosa", reason="librosa (test extra) is the independent reference")

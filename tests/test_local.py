@@ -5,8 +5,8 @@ import json
 
 import numpy as np
 import pytest
-
 from _packlike import make_pack
+
 from edge_ser import memory
 from edge_ser.local import train_from_pack
 
@@ -19,11 +19,16 @@ def pack():
 def test_train_from_pack_writes_model_and_passes_golden(pack, tmp_path):
     out = tmp_path / "model"
     r = train_from_pack(pack, out, threads=1, tflite=False)
-    assert r["ok"] and r["golden"]["passed"] and r["golden"]["max_abs_deviation"] <= pack.golden_tolerance
+    assert r["ok"]
+    assert r["golden"]["passed"]
+    assert r["golden"]["max_abs_deviation"] <= pack.golden_tolerance
     info = json.loads((out / "model.json").read_text())
-    assert info["format"] == "edge-ser-model/1" and info["pack_id"] == pack.pack_id
-    assert info["classes"] == list(pack.classes) and info["test_speakers"] == ["Actor_03"]
-    assert info["feature_config"]["n_mels"] == 32 and info["peak_rss_mb"] > 100
+    assert info["format"] == "edge-ser-model/1"
+    assert info["pack_id"] == pack.pack_id
+    assert info["classes"] == list(pack.classes)
+    assert info["test_speakers"] == ["Actor_03"]
+    assert info["feature_config"]["n_mels"] == 32
+    assert info["peak_rss_mb"] > 100
     for f in ("model.npz", "model.onnx", "model.int8.onnx"):
         assert (out / f).is_file()
     with np.load(out / "model.npz", allow_pickle=False) as z:  # no pickle needed to read the weights
@@ -72,21 +77,36 @@ def test_budget_planner_picks_plain_then_lean_then_micro_batches():
 
     cfg = ModelConfig(num_classes=8)
     free = memory.plan_training(cfg, 80, 0, 2, None, baseline_mb=300)
-    assert free.micro_batch == 80 and free.exact and free.threads == 2 and not free.lean and not free.lean_heap
+    assert free.micro_batch == 80
+    assert free.exact
+    assert free.threads == 2
+    assert not free.lean
+    assert not free.lean_heap
     heap_need = memory.estimate_mb(300, memory.per_sample_mb(cfg, lean_heap=True), 80, 2, memory.HEAP_FIXED_MB)
     lean_need = memory.lean_estimate_mb(300, cfg, 80, 2)
     assert lean_need < heap_need < free.train_estimate_mb              # what the lean heap and chunks are for
     as_is = memory.plan_training(cfg, 80, 0, 2, heap_need + 1, baseline_mb=300, export=False, lean_heap=True)
-    assert as_is.exact and as_is.lean_heap and not as_is.lean and as_is.threads == 2
+    assert as_is.exact
+    assert as_is.lean_heap
+    assert not as_is.lean
+    assert as_is.threads == 2
     lean = memory.plan_training(cfg, 80, 0, 2, lean_need + 1, baseline_mb=300, export=False, lean_heap=True)
-    assert lean.lean and lean.lean_heap and lean.exact and lean.micro_batch == 80 and lean.estimate_mb <= lean_need + 1
+    assert lean.lean
+    assert lean.lean_heap
+    assert lean.exact
+    assert lean.micro_batch == 80
+    assert lean.estimate_mb <= lean_need + 1
     forced = memory.plan_training(cfg, 80, 0, 2, None, baseline_mb=300, lean=True)     # asked for
-    assert forced.lean and forced.lean_heap == memory.lean_heap_available()
+    assert forced.lean
+    assert forced.lean_heap == memory.lean_heap_available()
     inorm = ModelConfig(num_classes=8, norm="instance")                # no chunked path: micro-batches
     per = memory.per_sample_mb(inorm, lean_heap=True)
     budget = memory.estimate_mb(300, per, 40, 2, memory.HEAP_FIXED_MB) + 1   # room for about half the batch
     tight = memory.plan_training(inorm, 80, 0, 2, budget, baseline_mb=300, export=False, lean_heap=True)
-    assert 1 <= tight.micro_batch < 80 and not tight.exact and not tight.lean and tight.estimate_mb <= budget
+    assert 1 <= tight.micro_batch < 80
+    assert not tight.exact
+    assert not tight.lean
+    assert tight.estimate_mb <= budget
     with pytest.raises(memory.MemoryBudgetError, match="export step"):
         memory.plan_training(cfg, 80, 0, 2, 300 + memory.MARGIN * memory.EXPORT_MB - 1, baseline_mb=300)
     with pytest.raises(memory.MemoryBudgetError, match="too small to train|baseline"):
@@ -111,8 +131,8 @@ def test_micro_batches_accumulate_the_full_batch_gradient():
     import dataclasses
 
     import torch
-
     from _packlike import MODEL, class_data
+
     from edge_ser.models import build_model, input_stats, set_input_stats
     from edge_ser.schedule import Schedule, train_schedule
 
@@ -137,8 +157,8 @@ def test_forward_chunked_is_forward_with_less_memory():
     import copy
 
     import torch
-
     from _packlike import MODEL, class_data
+
     from edge_ser.models import build_model, input_stats, set_input_stats
 
     X, _ = class_data(3, seed=1)
@@ -204,8 +224,7 @@ def test_device_optimizer_is_torch_optim_bit_for_bit(kind):
 
     from edge_ser.config import default_model_config
     from edge_ser.models import build_model
-    from edge_ser.schedule import DeviceOptimizer, Schedule
-    from edge_ser.train import loss_fn
+    from edge_ser.schedule import DeviceOptimizer, Schedule, loss_fn
 
     torch.set_num_threads(1)
     opt_name, _, extra = kind.partition("-")
@@ -235,8 +254,11 @@ def test_device_optimizer_is_torch_optim_bit_for_bit(kind):
 
 def test_lean_train_local_passes_the_golden_check(pack, tmp_path):
     r = train_from_pack(pack, tmp_path / "m", threads=1, export=False, lean=True)
-    assert r["lean"] and r["exact_schedule"] and r["heap"].startswith("lean")
-    assert r["golden"]["passed"] and r["golden"]["max_abs_deviation"] <= pack.golden_tolerance
+    assert r["lean"]
+    assert r["exact_schedule"]
+    assert r["heap"].startswith("lean")
+    assert r["golden"]["passed"]
+    assert r["golden"]["max_abs_deviation"] <= pack.golden_tolerance
 
 
 def test_failure_mid_export_keeps_previous_model(pack, tmp_path, monkeypatch):
@@ -251,7 +273,8 @@ def test_failure_mid_export_keeps_previous_model(pack, tmp_path, monkeypatch):
     monkeypatch.setattr(export, "quantize_int8", boom)
     with pytest.raises(OSError, match="disk full"):
         train_from_pack(pack, out, threads=1, tflite=False)
-    assert (out / "model.json").read_bytes() == before and (out / "model.int8.onnx").is_file()
+    assert (out / "model.json").read_bytes() == before
+    assert (out / "model.int8.onnx").is_file()
     assert not list(tmp_path.glob(".model.*"))
 
 

@@ -25,14 +25,6 @@ TINY = FeatureConfig(n_mels=8, clip_seconds=0.05, f_max=4000.0)   # (8, 3) log-M
 
 
 @pytest.fixture
-def home(tmp_path, monkeypatch):
-    """An isolated $EDGE_SER_HOME with a key pair; unsigned packs not allowed."""
-    monkeypatch.setenv("EDGE_SER_HOME", str(tmp_path / "home"))
-    monkeypatch.delenv(P.ALLOW_UNSIGNED_ENV, raising=False)
-    return signing.keygen()
-
-
-@pytest.fixture
 def signed_pack(tmp_path, home):
     info = make_pack(tmp_path / "a.pack", private_key=home["private_key"], sequence=7)
     return Path(info["path"]), info
@@ -462,6 +454,7 @@ _json = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow
        field=st.sampled_from(["classes", "feature_config", "model_config", "schedule", "sequence",
                               "golden_tolerance", "members", "format_version", "theta0_sha256", "provenance"]),
        value=_json, mutate_manifest=st.booleans())
+@pytest.mark.slow
 def test_property_mutated_pack_refused_or_unchanged(tmp_path_factory, edits, field, value, mutate_manifest):
     """Random byte edits, or an unsigned pack whose manifest field is replaced by arbitrary JSON: the
     parser answers with a PackError or a pack whose content is exactly the original. Nothing else."""

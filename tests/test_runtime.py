@@ -99,6 +99,7 @@ def test_evaluate_refuses_disjoint_classes(model_dir, tmp_path):
         evaluate(f, tmp_path / "corpus")
 
 
+@pytest.mark.slow
 def test_doctor_reports():
     from edge_ser.doctor import doctor, format_doctor
 

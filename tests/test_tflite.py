@@ -14,6 +14,9 @@ from edge_ser.export_tflite import (FORMAT, is_fully_integer, load_tflite, read_
 
 HAVE_RUNTIME = any(importlib.util.find_spec(m) is not None for m in ("ai_edge_litert", "tflite_runtime"))
 HAVE_TF = importlib.util.find_spec("tensorflow") is not None
+#: every test here converts with TensorFlow (seconds to import, ~1 GB): the full tier only
+pytestmark = pytest.mark.slow
+
 needs_all = pytest.mark.skipif(
     not (HAVE_RUNTIME and HAVE_TF),
     reason="TFLite export/runtime not installed: pip install 'tensorflow-cpu==2.21.0' 'ai-edge-litert==2.3.0' "

@@ -32,7 +32,8 @@ DEFAULT_METHOD = "fixed-init"
 
 @dataclass(frozen=True)
 class DistillConfig(_JsonMixin):
-    """Common knobs; method-specific ones go in ``params`` (each method documents its keys and defaults)."""
+    """Common knobs; method-specific ones go in ``params``, checked against the method's typed settings
+    (:mod:`edge_ser.distill.settings`) when the config is built: an unknown key or a bad value fails here."""
 
     method: str = DEFAULT_METHOD
     ipc: int = 10                   # synthetic samples per class
@@ -50,9 +51,24 @@ class DistillConfig(_JsonMixin):
             raise ValueError("ipc must be at least 1")
         if self.init not in ("real", "noise"):
             raise ValueError("init must be 'real' or 'noise'")
+        self.settings  # noqa: B018 (validates params)
 
-    def param(self, key: str, default):
+    @property
+    def settings(self):
+        """The method's typed settings with ``params`` applied (see :mod:`edge_ser.distill.settings`)."""
+        from .settings import settings_for
+
+        return settings_for(self.method, self.params)
+
+    def param(self, key: str, default=None):
+        """The raw ``params`` override for ``key`` (``default`` when not given). Kept for callers of the earlier
+        API; the typed value with the method's default is ``cfg.settings.<key>``."""
         return dict(self.params).get(key, default)
+
+    @property
+    def iterations_or_default(self) -> int:
+        """``iterations``, or the method's default when it is None."""
+        return int(self.iterations) if self.iterations is not None else self.settings.default_iterations
 
 
 @dataclass

@@ -2,16 +2,9 @@
 
 Selection happens per class. Herding and k-center work in an embedding: by default θ0's penultimate
 features (``model.embed``) with its BatchNorm statistics re-estimated on the training set (no weight is
-trained; the product has θ0 anyway and this costs one forward pass). ``params`` ``embed="trained"``
-instead trains a copy of θ0 on all training data for ``embed_epochs`` (default 2) epochs first.
-
-Method params (``DistillConfig.params``), all optional:
-  ``embed``        "theta0" (default) | "trained"     herding / k-center embedding, see above
-  ``embed_epochs`` 2                                    epochs for ``embed="trained"``
-  ``lr``           1e-3                                 schedule: Adam learning rate
-  ``steps``        300                                  schedule: about this many optimiser steps
-  ``batch_size``   64                                   schedule: mini-batch (full batch when smaller)
-  ``augment``      True                                 schedule: SpecAugment on the real subset
+trained; the product has θ0 anyway and this costs one forward pass). ``embed="trained"`` instead trains a
+copy of θ0 on all training data for ``embed_epochs`` epochs first. The settings, including the schedule a device
+trains a real subset with: :class:`~.settings.CoresetSettings`.
 
 >>> syn = herding(train, DistillConfig(method="herding", ipc=10), model_cfg, theta0)   # doctest: +SKIP
 >>> syn.X.shape, syn.schedule.optimizer                                                 # doctest: +SKIP
@@ -19,7 +12,6 @@ Method params (``DistillConfig.params``), all optional:
 """
 from __future__ import annotations
 
-import resource
 import time
 from typing import Dict, List, Mapping
 
@@ -29,22 +21,18 @@ from ..config import ModelConfig
 from ..data import FeatureSet
 from ..schedule import Schedule
 from .base import DistillConfig, SyntheticSet
+from .common import peak_rss_mb
 
 
-def peak_rss_mb() -> float:
-    """Peak resident set size of this process so far, in MiB (Linux ``ru_maxrss`` is in KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-
-
-def real_subset_schedule(n: int, cfg: DistillConfig) -> Schedule:
-    """How a device trains θ0 on ``n`` real utterances: Adam, lr 1e-3, about ``steps`` (300) steps,
-    mini-batches of 64 (full batch below that), SpecAugment on. Tuned on RAVDESS random subsets."""
-    bs = int(cfg.param("batch_size", 64))
-    bs = 0 if n <= bs else bs
+def real_subset_schedule(n: int, seed: int, steps: int = 300, lr: float = 1e-3, batch_size: int = 64,
+                         augment: bool = True) -> Schedule:
+    """How a device trains θ0 on ``n`` real utterances: Adam at ``lr``, about ``steps`` steps (at least 10
+    epochs), mini-batches of ``batch_size`` (full batch below that), SpecAugment. Tuned on RAVDESS random subsets."""
+    bs = 0 if n <= batch_size else batch_size
     steps_per_epoch = 1 if bs == 0 else -(-n // bs)
-    epochs = max(10, int(round(int(cfg.param("steps", 300)) / steps_per_epoch)))
-    return Schedule(optimizer="adam", lr=float(cfg.param("lr", 1e-3)), epochs=epochs, batch_size=bs,
-                    augment=bool(cfg.param("augment", True)), weight_decay=0.0, seed=cfg.seed)
+    epochs = max(10, int(round(steps / steps_per_epoch)))
+    return Schedule(optimizer="adam", lr=lr, epochs=epochs, batch_size=bs, augment=augment, weight_decay=0.0,
+                    seed=seed)
 
 
 def class_indices(train: FeatureSet) -> List[np.ndarray]:
@@ -123,8 +111,11 @@ def _result(train: FeatureSet, idx: np.ndarray, cfg: DistillConfig, t0: float, e
     if short:
         stats["short_classes"] = short  # classes with fewer than ipc utterances: all of them are taken
     stats.update(extra)
+    s = cfg.settings
+    schedule = real_subset_schedule(len(idx), cfg.seed, steps=s.steps, lr=s.lr, batch_size=s.batch_size,
+                                    augment=s.augment)
     return SyntheticSet(X=train.X[idx].copy(), y=train.y[idx].copy(), classes=train.classes,
-                        schedule=real_subset_schedule(len(idx), cfg), method=cfg.method, ipc=cfg.ipc, stats=stats)
+                        schedule=schedule, method=cfg.method, ipc=cfg.ipc, stats=stats)
 
 
 def random_subset(train: FeatureSet, cfg: DistillConfig, model_cfg: ModelConfig, theta0, val=None,
@@ -139,8 +130,8 @@ def random_subset(train: FeatureSet, cfg: DistillConfig, model_cfg: ModelConfig,
 
 def _embedded_select(select, train, cfg, model_cfg, theta0) -> SyntheticSet:
     t0 = time.perf_counter()
-    mode = str(cfg.param("embed", "theta0"))
-    E = embed_features(train, model_cfg, theta0, mode, int(cfg.param("embed_epochs", 2)), cfg.seed)
+    mode = cfg.settings.embed
+    E = embed_features(train, model_cfg, theta0, mode, cfg.settings.embed_epochs, cfg.seed)
     idx = np.concatenate([ix[select(E[ix], cfg.ipc)] for ix in class_indices(train)])
     return _result(train, idx, cfg, t0, {"embed": mode})
 

@@ -8,12 +8,9 @@ synthetic set, then train the network ``inner_loop`` steps on the synthetic set.
 optimised in θ0's normalised input space (paper lr_img 0.1, SGD momentum 0.5) and stored in raw log-Mel
 space. With ``cfg.soft_labels`` the label logits are learned too (the synthetic loss uses their softmax).
 
-Method params (``DistillConfig.params``):
-  ``lr_img`` 0.1, ``lr_net`` 0.01, ``batch_real`` 32 (per class), ``outer_loop`` / ``inner_loop``
-  (defaults from the paper by ipc: 1 -> 1/1, 10 -> 10/50, 20 -> 20/25, 50 -> 50/10, capped by
-  ``max_outer`` 5 for a CPU budget), ``theta0_prob`` 0.0 (iterations that start from θ0 instead of a
-  random init), ``eval_every`` 0, ``lr_label`` 0.1 (soft labels), and the schedule keys of
-  :func:`edge_ser.distill.dm.paper_schedule`. ``cfg.iterations`` defaults to 50 (paper: 1000).
+The settings (learning rates, loops, the schedule a pack ships, default iterations):
+:class:`~.settings.DCSettings`; ``outer_loop`` / ``inner_loop`` default to the paper's by ipc (1 -> 1/1,
+10 -> 10/50, 20 -> 20/25, 50 -> 50/10), the outer loop capped by ``max_outer`` for a CPU budget.
 
 >>> syn = distill_dc(train, DistillConfig(method="dc", ipc=1, iterations=50), model_cfg, theta0)  # doctest: +SKIP
 """
@@ -27,7 +24,8 @@ import numpy as np
 from ..config import ModelConfig
 from ..data import FeatureSet
 from .base import DistillConfig, SyntheticSet
-from .coreset import class_indices, peak_rss_mb
+from .common import peak_rss_mb, setup_threads
+from .coreset import class_indices
 from .dm import init_synthetic, paper_schedule, random_net, validation_uar
 
 
@@ -65,22 +63,19 @@ def distill_dc(train: FeatureSet, cfg: DistillConfig, model_cfg: ModelConfig, th
     import torch
     import torch.nn.functional as F
 
-    from ..train import loss_fn, set_threads
+    from ..schedule import loss_fn
 
-    set_threads(cfg.threads)
+    setup_threads(cfg.threads)
     t_start = time.perf_counter()
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
-    iterations = int(cfg.iterations if cfg.iterations is not None else 50)
-    lr_img = float(cfg.param("lr_img", 0.1))
-    lr_net = float(cfg.param("lr_net", 0.01))
-    batch_real = int(cfg.param("batch_real", 32))
+    s = cfg.settings
+    iterations = cfg.iterations_or_default
+    lr_img, lr_net, batch_real = s.lr_img, s.lr_net, s.batch_real
     outer_loop, inner_loop = loops_for_ipc(cfg.ipc)
-    outer_loop = min(outer_loop, int(cfg.param("max_outer", 5)))
-    outer_loop = int(cfg.param("outer_loop", outer_loop))
-    inner_loop = int(cfg.param("inner_loop", inner_loop))
-    theta0_prob = float(cfg.param("theta0_prob", 0.0))
-    eval_every = int(cfg.param("eval_every", 0))
+    outer_loop = s.outer_loop if s.outer_loop is not None else min(outer_loop, s.max_outer)
+    inner_loop = s.inner_loop if s.inner_loop is not None else inner_loop
+    theta0_prob, eval_every = s.theta0_prob, s.eval_every
     C, ipc = train.num_classes, cfg.ipc
     by_class = class_indices(train)
 
@@ -95,7 +90,7 @@ def distill_dc(train: FeatureSet, cfg: DistillConfig, model_cfg: ModelConfig, th
         label_logits = (F.one_hot(torch.as_tensor(y_syn), C).float() * 3.0).requires_grad_(True)
         params_img.append(label_logits)
     optimizer_img = torch.optim.SGD([{"params": [z_syn], "lr": lr_img},
-                                     *([{"params": [label_logits], "lr": float(cfg.param("lr_label", 0.1))}]
+                                     *([{"params": [label_logits], "lr": s.lr_label}]
                                        if label_logits is not None else [])], momentum=0.5)
     schedule = paper_schedule(len(y_syn), cfg)
     history = []

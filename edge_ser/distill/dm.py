@@ -7,16 +7,8 @@ learning rate (1.0, SGD momentum 0.5) applies; they are stored back in raw log-M
 networks embed all classes of a batch in one forward pass (train-mode statistics), as the reference
 does for ``ConvNetBN``.
 
-Method params (``DistillConfig.params``):
-  ``lr_img``       1.0    SGD lr on the synthetic features (momentum 0.5)
-  ``batch_real``   32     real utterances per class per iteration
-  ``theta0_prob``  0.0    probability that an iteration embeds with θ0 itself instead of a random init
-  ``eval_every``   0      every N iterations train θ0 on the current set and show validation UAR (0: end only)
-  ``teacher_epochs`` 2    soft labels only: epochs of θ0 on real data for the teacher that labels the set
-  schedule (how the set is evaluated / trained on a device): ``lr`` 0.01, ``momentum`` 0.9,
-  ``weight_decay`` 5e-4, ``epochs`` 200, ``batch_size`` 128 (full batch below): the papers' SGD recipe
-  (DC: 300 epochs, DM: 1000), shortened for a 2-core CPU.
-``cfg.iterations`` defaults to 200 (the paper runs 20 000 on GPUs; this is a 2-core CPU budget).
+The settings (image learning rate, real batch, the schedule a pack ships, default iterations):
+:class:`~.settings.DMSettings`.
 
 >>> syn = distill_dm(train, DistillConfig(method="dm", ipc=10, iterations=200), model_cfg, theta0)  # doctest: +SKIP
 """
@@ -31,15 +23,16 @@ from ..config import ModelConfig
 from ..data import FeatureSet
 from ..schedule import Schedule
 from .base import DistillConfig, SyntheticSet
-from .coreset import class_indices, peak_rss_mb
+from .common import peak_rss_mb, setup_threads
+from .coreset import class_indices
 
 
 def paper_schedule(n: int, cfg: DistillConfig) -> Schedule:
-    """The DC/DM evaluation recipe, shortened: SGD lr 0.01, momentum 0.9, weight decay 5e-4, 200 epochs."""
-    bs = int(cfg.param("batch_size", 128))
-    return Schedule(optimizer="sgd", lr=float(cfg.param("lr", 0.01)), momentum=float(cfg.param("momentum", 0.9)),
-                    weight_decay=float(cfg.param("weight_decay", 5e-4)), epochs=int(cfg.param("epochs", 200)),
-                    batch_size=0 if n <= bs else bs, augment=False, seed=cfg.seed)
+    """The DC/DM evaluation recipe, shortened (:class:`~.settings.PaperScheduleSettings`): SGD with momentum
+    and weight decay, mini-batches (the whole set when it is smaller)."""
+    s = cfg.settings
+    return Schedule(optimizer="sgd", lr=s.lr, momentum=s.momentum, weight_decay=s.weight_decay, epochs=s.epochs,
+                    batch_size=0 if n <= s.batch_size else s.batch_size, augment=False, seed=cfg.seed)
 
 
 def random_net(model_cfg: ModelConfig, theta0: Mapping[str, np.ndarray], seed: int, use_theta0: bool):
@@ -101,17 +94,13 @@ def distill_dm(train: FeatureSet, cfg: DistillConfig, model_cfg: ModelConfig, th
     """Distribution Matching for ``model_cfg`` networks; see the module docstring for the params."""
     import torch
 
-    from ..train import set_threads
-
-    set_threads(cfg.threads)
+    setup_threads(cfg.threads)
     t_start = time.perf_counter()
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
-    iterations = int(cfg.iterations if cfg.iterations is not None else 200)
-    lr_img = float(cfg.param("lr_img", 1.0))
-    batch_real = int(cfg.param("batch_real", 32))
-    theta0_prob = float(cfg.param("theta0_prob", 0.0))
-    eval_every = int(cfg.param("eval_every", 0))
+    s = cfg.settings
+    iterations = cfg.iterations_or_default
+    lr_img, batch_real, theta0_prob, eval_every = s.lr_img, s.batch_real, s.theta0_prob, s.eval_every
     C = train.num_classes
     by_class = class_indices(train)
 
@@ -166,7 +155,7 @@ def distill_dm(train: FeatureSet, cfg: DistillConfig, model_cfg: ModelConfig, th
     X = current_X()
     y = y_syn
     if cfg.soft_labels:
-        y = teacher_soft_labels(train, X, model_cfg, theta0, int(cfg.param("teacher_epochs", 2)), cfg.seed)
+        y = teacher_soft_labels(train, X, model_cfg, theta0, s.teacher_epochs, cfg.seed)
     stats = {"seconds": time.perf_counter() - t_start, "peak_rss_mb": peak_rss_mb(), "iterations": iterations,
              "init_indices": init_idx.tolist(), "history": history}
     return SyntheticSet(X=X, y=y, classes=train.classes, schedule=schedule, method=cfg.method, ipc=cfg.ipc,

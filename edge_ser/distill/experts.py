@@ -84,8 +84,9 @@ def buffer_dir(train: FeatureSet, model_cfg: ModelConfig, expert_cfg: ExpertConf
 
 
 def train_expert(train: FeatureSet, model_cfg: ModelConfig, expert_cfg: ExpertConfig, init: Mapping[str, np.ndarray],
-                 seed: int, path: Path, threads: Optional[int] = None, progress: bool = False) -> Path:
-    """Train one expert from the weights ``init`` and save its per-epoch trajectory to ``path``."""
+                 seed: int, path: Path, threads: Optional[int] = None, progress: bool = False, bar=None) -> Path:
+    """Train one expert from the weights ``init`` and save its per-epoch trajectory to ``path``. ``bar``: a tqdm
+    bar advanced once per epoch (then ``progress`` does not add fit's own per-epoch bar)."""
     import torch
 
     from ..models import build_model, load_state_arrays, state_arrays
@@ -100,8 +101,14 @@ def train_expert(train: FeatureSet, model_cfg: ModelConfig, expert_cfg: ExpertCo
                       specaugment=expert_cfg.specaugment, class_balance=expert_cfg.class_balance, seed=seed)
     t0 = time.perf_counter()
     # fit() anneals the rate (cosine); the trajectory is what it is, we only record it
-    fit(model, train.X, train.y, cfg, num_classes=train.num_classes, progress=progress,
-        on_epoch=lambda e, rec: snaps.append(state_arrays(model)))
+    def on_epoch(epoch, record):
+        snaps.append(state_arrays(model))
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{record['loss']:.3f}")
+
+    fit(model, train.X, train.y, cfg, num_classes=train.num_classes, progress=progress and bar is None,
+        on_epoch=on_epoch)
     stacked = {k: np.stack([s[k] for s in snaps]) for k in snaps[0]}
     meta = {"seed": seed, "seconds": time.perf_counter() - t0, "expert": expert_cfg.to_dict()}
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -127,11 +134,14 @@ def expert_buffer(train: FeatureSet, model_cfg: ModelConfig, expert_cfg: ExpertC
     ``build_model(model_cfg, seed=1000 + seed + i)`` with θ0's input statistics (MTT).
     """
     from ..models import build_model, input_stats, set_input_stats, state_arrays
+    from .common import make_bar
 
     root = buffer_dir(train, model_cfg, expert_cfg, theta0, root)
-    paths = []
-    for i in range(count):
-        path = root / f"expert_{seed + i:03d}.npz"
+    paths = [root / f"expert_{seed + i:03d}.npz" for i in range(count)]
+    missing = sum(not p.exists() for p in paths)
+    # one bar over every epoch still to train (cached experts cost nothing and are not counted)
+    bar = make_bar(progress and missing > 0, missing * expert_cfg.epochs, f"experts ({missing} to train)", unit="epoch")
+    for i, path in enumerate(paths):
         if not path.exists():
             if theta0 is not None:
                 init = dict(theta0)
@@ -140,6 +150,7 @@ def expert_buffer(train: FeatureSet, model_cfg: ModelConfig, expert_cfg: ExpertC
                 set_input_stats(model, *input_stats(train.X))
                 init = state_arrays(model)
             train_expert(train, model_cfg, expert_cfg, init, seed=seed + i, path=path, threads=threads,
-                         progress=progress)
-        paths.append(path)
+                         progress=progress, bar=bar)
+    if bar is not None:
+        bar.close()
     return paths

@@ -1,65 +1,34 @@
 """Fixed-initialisation distillation (the product default): a synthetic set made for the one θ0 a pack ships.
 
-A device builds θ0 from the pack's tensors and runs ``train_schedule``: plain SGD on the synthetic set, with
-a step size and a number of epochs chosen here, on augmented mini-batches (4. below). The set is matched to
-full-batch SGD steps from θ0, with exact gradients, and chosen by what the device's own recipe makes of it:
+A device builds θ0 from the pack's tensors and runs ``train_schedule`` on the synthetic set with the schedule
+chosen here. The set is matched to SGD steps taken from θ0 and chosen by what that device recipe makes of it.
+Every knob is a field of :class:`~.settings.FixedInitSettings` (defaults and a one-line reason each); the
+measured effect of each choice is in ``benchmarks/RESULTS.md`` and its history in ``CHANGELOG.md``.
 
-1. **Experts from θ0** (``experts.py``, cached on disk by data hash + θ0 hash): ``experts`` full-data
-   runs that all start at θ0, weights saved after every epoch. They train with plain SGD (lr 0.3, batch 32,
-   cosine-annealed, SpecAugment), the optimiser the student below and the device use, as in Cazenavette et
-   al.'s MTT: an SGD student can follow an SGD trajectory, while Adam's per-parameter steps point elsewhere.
-   On RAVDESS (IPC 10, three distillations, test actors 19-24) SGD experts gave 46.4 / 38.5 / 42.4 % from θ0
-   against 44.8 / 35.9 / 42.2 % with the paper's Adam recipe (``expert_optimizer="adam"``, lr 1e-3).
-2. **Synthetic set**: ``ipc`` real clips per class, chosen by herding in the experts' embedding space
-   (``init_select="herding"``, the default) or at random (``"random"``), or noise (``cfg.init="noise"``).
-   The clips are optimised in the model's own normalised input space ``z = (x - mean) / std`` (θ0's
-   per-band statistics), so one image learning rate fits any corpus and front-end. Labels are the
-   classes (hard); ``teacher_labels`` uses the experts' softened predictions, ``cfg.soft_labels`` learns them.
-3. **Trajectory matching anchored at θ0**: each iteration picks an expert and a start epoch ``t``
-   (``t = 0``, θ0 itself, with probability ``p_theta0``; else ``t <= max_start_epoch``). The student takes
-   ``syn_steps`` full-batch SGD steps from θ_t on the synthetic set with the learnable step size, exactly
-   the device's update (BatchNorm in train mode), and the loss is MTT's normalised distance
-   ``||θ_student - θ_{t+M}||² / ||θ_t - θ_{t+M}||²`` with ``M = expert_epochs_ahead``. The loss is
-   back-propagated exactly through the unroll to the clips, the log step size (and learnable labels);
-   all are updated with Adam. Because every expert starts at θ0, the segments the student learns to
-   reproduce are the ones a device walks. With ``anchor="student"`` a segment starts where the device's
-   own run from θ0 on the current set stands after ``t`` segments (recomputed every ``path_every``
-   iterations) instead of at the expert's θ_t, so the set also learns to correct the device's drift.
-4. **Selection and the device's recipe**: every ``eval_every`` iterations θ0 is trained on the current set the
-   way a device will train it, to the end, and scored; the best set is kept, the starting set (iteration 0)
-   included. Finally the device's step size and number of epochs are chosen the same way among the learned step
-   size (times ``lr_factors``) and ``lr_grid``, for each of ``epoch_grid``. The device's recipe (since
-   2026-12-03): plain SGD on mini-batches of ``batch`` 16 clips, the step size cosine-annealed to zero, every
-   clip rolled in time by up to ``shift`` (a fifth) of its length and SpecAugment-masked, afresh in every epoch
-   (``device_augment``); every evaluation uses it (``eval_epochs`` 150 at ``eval_lr`` 0.2). Eighty clips teach
-   a model far more this way than by full-batch SGD on the clips as they are: on RAVDESS (IPC 10, test actors
-   19-24) the herding start went from 46.9 % to 51.4 % (``benchmarks/RESULTS.md``, §2), while random
-   real subsets trained the same way stayed near 41 %. Before, sets were compared trained without augmentation
-   to convergence (full-batch SGD, 200 steps at 0.2): short of convergence 80 clips' test UAR swings by up to
-   16 points between neighbouring step counts (``benchmarks/schedule_sweep.py``); the annealed step size ends
-   every run settled. Scored either way, trajectory matching has not improved on the herding start at IPC >= 10
-   on RAVDESS, and the selection keeps the start; at IPC 1 the matched set won. The score
-   (``select_on="val_train"``, the default) is the mean of the UAR on the validation speakers and on the
-   training speakers: two validation speakers (~120 utterances) move by several points between sets that
-   test alike, and the training speakers' ~1000 utterances (which the device never sees; the synthetic set
-   is 80 clips) steady the ranking. With ``robust_schedule`` the real-subset recipe (Adam, SpecAugment,
-   ~300 steps) competes as well. The schedule travels in the pack (its shift and decay need pack format 1.2).
-
-Params (``cfg.param(key, default)``): experts 2, expert_epochs 15, expert_optimizer "sgd", expert_lr 0.3 (1e-3
-for "adam"), init_select "herding", teacher_labels False, temperature 2.0, max_start_epoch 8, p_theta0 0.3,
-expert_epochs_ahead 1, syn_steps 4, anchor "expert" (or "student", see 3), path_every 5, select_on "val_train"
-(or "val"), select_train_max 2000 (training clips scored at most), robust_schedule False, augment True
-(the device's time shift and SpecAugment masks in every unrolled step too, so the clips are matched to augmented
-steps as the device takes them; on RAVDESS IPC 1 without it 35.9 / 35.2 %, with it 40.5 / 45.4 %; the default since
-2026-12-03; False before, and SpecAugment alone with Adam experts at IPC 10 gave 39.7 +- 5.1 % against 41.0 +- 3.7 %
-without), device_augment True (implied by augment), shift 0.2 (of the clip's frames),
-batch 16 (0: the whole set in every step), decay "cosine" (or "none"), lr_init 0.05, lr_img 0.03, lr_lr 0.01,
-lr_label 0.05, eval_every 10, eval_epochs 150, eval_lr 0.2 (or "learned": the current learned step size),
-lr_factors (1,), lr_grid (0.1, 0.2, 0.4), epoch_grid (100, 150, 200), val_speakers 2 (held out of ``train`` when
-``val`` is None). The default of 2026-12-02 ("converged selection"): ``augment=False, device_augment=False,
-batch=0, decay=none, eval_epochs=200, epoch_grid=80/120/200``.
-Default iterations: 40 (on RAVDESS the best set came at iteration 10-30 in all six 80-iteration runs of the earlier
-default at IPC 1-20, and at 20-30 in the IPC-10 runs of this one; at IPC 1 and 20 its best came at iteration 40).
+1. **Experts from θ0** (``experts.py``, cached by data hash + θ0 hash): full-data runs that all start at θ0,
+   weights saved after every epoch, trained with plain SGD (cosine-annealed, SpecAugment): the optimiser the
+   student and the device use, so the student can follow the expert (Adam's per-parameter steps point elsewhere).
+2. **Starting set**: ``ipc`` real clips per class chosen by herding in the experts' embedding space (or at random,
+   or noise with ``DistillConfig.init="noise"``), optimised in the model's normalised input space
+   ``z = (x - mean) / std`` (θ0's per-band statistics) so one image learning rate fits any corpus and front-end.
+   Labels are the classes; ``teacher_labels`` uses the experts' softened predictions, ``soft_labels`` learns them.
+3. **Trajectory matching anchored at θ0**: each iteration picks an expert and a start epoch ``t`` (θ0 itself with
+   probability ``p_theta0``). The student takes ``syn_steps`` full-batch SGD steps from θ_t on the set with the
+   learnable step size, with the device's time shift and SpecAugment masks when ``augment`` (differentiable: a
+   gather and masked copies), and the loss is MTT's normalised distance
+   ``||θ_student - θ_{t+M}||² / ||θ_t - θ_{t+M}||²``, back-propagated exactly through the unroll to the clips,
+   the log step size (and learnable labels), all updated with Adam. Every expert starts at θ0, so the segments
+   learned are the ones a device walks. ``anchor="student"`` starts a segment on the device's own path from θ0
+   instead, so the set also learns to correct the device's drift.
+4. **Selection and the device's recipe**: every ``eval_every`` iterations θ0 is trained on the current set as a
+   device will train it (mini-batches of ``batch``, cosine-annealed step size, every clip shifted by up to
+   ``shift`` of its length and masked afresh each epoch) and scored; the best set is kept, the starting set
+   included. Sets are compared trained to the end because short of convergence 80 clips' UAR swings by many
+   points between neighbouring step counts. The score (``select_on="val_train"``) is the mean UAR of the
+   validation speakers and of the training speakers: two validation speakers alone rank sets noisily. Finally
+   the device's step size and epochs are chosen the same way among the learned step size (x ``lr_factors``) and
+   ``lr_grid``, for each of ``epoch_grid``; with ``robust_schedule`` the real-subset recipe competes too. The
+   schedule travels in the pack (its shift and decay need pack format 1.2).
 
 >>> syn = distill_fixed_init(train, DistillConfig(ipc=10), model_cfg, theta0, val=val)  # doctest: +SKIP
 >>> syn.schedule.lr, syn.schedule.epochs  # doctest: +SKIP
@@ -76,15 +45,15 @@ from ..config import ModelConfig
 from ..data import FeatureSet
 from ..schedule import Schedule
 from .base import DistillConfig, SyntheticSet
-from .mtt import (init_synthetic, load_checkpoint, make_bar, peak_rss_mb, save_checkpoint,
-                  select_schedule, setup_threads, split_validation, val_uar, workdir_for)
-
+from .checkpoint import load_checkpoint, opt_state_from_arrays, opt_state_to_arrays, save_checkpoint, workdir_for
+from .common import init_synthetic, make_bar, peak_rss_mb, setup_threads, split_validation
+from .selection import select_schedule, val_uar
 
 #: the experts' learning rate when ``expert_lr`` is not given, per ``expert_optimizer``
 EXPERT_LR = {"sgd": 0.3, "adam": 1e-3}
 
 
-def teacher_soft_labels(X: np.ndarray, model_cfg: ModelConfig, states, temperature: float) -> np.ndarray:
+def expert_soft_labels(X: np.ndarray, model_cfg: ModelConfig, states, temperature: float) -> np.ndarray:
     """Mean expert logits on ``X`` (eval mode), softened at ``temperature`` -> (N, C) float32 rows."""
     from ..models import build_model, load_state_arrays
     from ..train import predict_logits
@@ -133,44 +102,39 @@ def distill_fixed_init(train: FeatureSet, cfg: DistillConfig, model_cfg: ModelCo
     from torch.func import functional_call
 
     from ..models import build_model
-    from ..train import loss_fn, spec_augment, time_shift
+    from ..schedule import loss_fn, spec_augment, time_shift
     from .experts import ExpertConfig, expert_buffer, load_trajectory
 
     t_start = time.perf_counter()
-    setup_threads(cfg)
-    P = lambda key, default: cfg.param(key, default)  # noqa: E731
-    iterations = cfg.iterations if cfg.iterations is not None else 40
-    train, val = split_validation(train, val, int(P("val_speakers", 2)))
+    setup_threads(cfg.threads)
+    s = cfg.settings
+    iterations = cfg.iterations_or_default
+    train, val = split_validation(train, val, s.val_speakers)
     wd = workdir_for(cfg, model_cfg, train, theta0, workdir)
     # what the iteration and the schedule are chosen on: the mean of the validation speakers' UAR and the training
     # speakers' UAR ("val_train": 8x the utterances, a less noisy ranking), or the validation speakers alone ("val")
-    selection = str(P("select_on", "val_train"))
-    if selection not in ("val", "val_train"):
-        raise ValueError(f"fixed-init select_on must be 'val' or 'val_train', got {selection!r}")
     scored = train
-    cap = int(P("select_train_max", 2000))      # a large corpus: score a fixed random share of its clips
-    if len(train) > cap:
-        scored = train.subset(np.sort(np.random.default_rng(0).choice(len(train), cap, replace=False)))
-    select_on = val if selection == "val" else (val, scored)
+    if len(train) > s.select_train_max:   # a large corpus: score a fixed random share of its clips
+        scored = train.subset(np.sort(np.random.default_rng(0).choice(len(train), s.select_train_max, replace=False)))
+    select_on = val if s.select_on == "val" else (val, scored)
     C = model_cfg.num_classes
 
     # 1. experts that all start at θ0
-    expert_opt = str(P("expert_optimizer", "sgd"))
-    expert_cfg = ExpertConfig(epochs=int(P("expert_epochs", 15)), optimizer=expert_opt,
-                              lr=float(P("expert_lr", EXPERT_LR.get(expert_opt, 1e-3))))
-    paths = expert_buffer(train, model_cfg, expert_cfg, theta0=theta0, count=int(P("experts", 2)),
+    expert_cfg = ExpertConfig(epochs=s.expert_epochs, optimizer=s.expert_optimizer,
+                              lr=s.expert_lr if s.expert_lr is not None else EXPERT_LR[s.expert_optimizer])
+    paths = expert_buffer(train, model_cfg, expert_cfg, theta0=theta0, count=s.experts,
                           threads=cfg.threads or 2, progress=progress)
     experts = [load_trajectory(p) for p in paths]
-    ahead = int(P("expert_epochs_ahead", 1))
-    max_start = max(0, min(int(P("max_start_epoch", 8)), expert_cfg.epochs - ahead))
-    syn_steps = int(P("syn_steps", 4))
+    ahead = s.expert_epochs_ahead
+    max_start = max(0, min(s.max_start_epoch, expert_cfg.epochs - ahead))
+    syn_steps = s.syn_steps
 
     # 2. synthetic set from real clips, in the model's normalised input space
     X0, y_hard = init_synthetic(train, cfg.ipc, cfg.init, cfg.seed)
-    if cfg.init == "real" and P("init_select", "herding") == "herding":
+    if cfg.init == "real" and s.init_select == "herding":
         X0 = train.X[herding_init(train, cfg.ipc, model_cfg, [t.state(t.epochs) for t in experts])]
-    if P("teacher_labels", False):
-        y0 = teacher_soft_labels(X0, model_cfg, [t.state(t.epochs) for t in experts], float(P("temperature", 2.0)))
+    if s.teacher_labels:
+        y0 = expert_soft_labels(X0, model_cfg, [t.state(t.epochs) for t in experts], s.temperature)
     else:
         y0 = np.eye(C, dtype=np.float32)[y_hard]
     learn_labels = bool(cfg.soft_labels)
@@ -181,25 +145,24 @@ def distill_fixed_init(train: FeatureSet, cfg: DistillConfig, model_cfg: ModelCo
     buffer_names = [k for k, _ in net.named_buffers()]
     z_syn = ((torch.as_tensor(X0) - mean) / std).detach().requires_grad_(True)
     label_logits = torch.tensor(np.log(np.clip(y0, 1e-6, 1.0)), requires_grad=True)
-    log_lr = torch.tensor(float(np.log(float(P("lr_init", 0.05)))), requires_grad=True)
-    groups = [{"params": [z_syn], "lr": float(P("lr_img", 0.03))}, {"params": [log_lr], "lr": float(P("lr_lr", 0.01))}]
+    log_lr = torch.tensor(float(np.log(s.lr_init)), requires_grad=True)
+    groups = [{"params": [z_syn], "lr": s.lr_img}, {"params": [log_lr], "lr": s.lr_lr}]
     if learn_labels:
-        groups.append({"params": [label_logits], "lr": float(P("lr_label", 0.05))})
+        groups.append({"params": [label_logits], "lr": s.lr_label})
     opt = torch.optim.Adam(groups)
     rng = np.random.default_rng(cfg.seed)
     history: List[Dict] = []
     start_it, best = 0, {"val_uar": -1.0}
-    augment = bool(P("augment", True))      # the device's augmentation inside the unrolled student steps too
+    augment = s.augment                     # the device's augmentation inside the unrolled student steps too
     fill = torch.as_tensor(np.asarray(theta0["input_norm.mean"], np.float32))
     # the device's recipe, which every evaluation and the final schedule use: SGD on mini-batches of `batch`
     # clips, the step size cosine-annealed, every clip rolled in time by up to `shift` of its length and
     # SpecAugment-masked (device_augment); sets are compared trained this way to the end (see 4. above)
-    device_augment = augment or bool(P("device_augment", True))
-    device = Schedule(lr=float(P("lr_init", 0.05)), epochs=1, batch_size=int(P("batch", 16)), seed=cfg.seed,
-                      augment=device_augment, decay=str(P("decay", "cosine")),
-                      shift=int(round(float(P("shift", 0.2)) * train.X.shape[2])) if device_augment else 0)
-    eval_lr = P("eval_lr", 0.2)             # "learned": the current learned step size
-    eval_schedule = device.replace(epochs=int(P("eval_epochs", 150)))
+    device_augment = augment or s.device_augment
+    device = Schedule(lr=s.lr_init, epochs=1, batch_size=s.batch, seed=cfg.seed, augment=device_augment,
+                      decay=s.decay, shift=int(round(s.shift * train.X.shape[2])) if device_augment else 0)
+    eval_lr = s.eval_lr                     # "learned": the current learned step size
+    eval_schedule = device.replace(epochs=s.eval_epochs)
 
     def x_now() -> np.ndarray:
         return (z_syn.detach() * std + mean).numpy()
@@ -215,17 +178,13 @@ def distill_fixed_init(train: FeatureSet, cfg: DistillConfig, model_cfg: ModelCo
             z_syn.copy_(torch.as_tensor(arrays["z"]))
             label_logits.copy_(torch.as_tensor(arrays["labels"]))
             log_lr.fill_(float(arrays["log_lr"]))
-        opt.load_state_dict(_opt_state_from_arrays(arrays, meta["opt"]))
+        opt.load_state_dict(opt_state_from_arrays(arrays, meta["opt"]))
         rng.bit_generator.state = meta["rng"]
         start_it, history, best = meta["iteration"], meta["history"], meta["best"]
         best.update(x=arrays["best_x"], y=arrays["best_y"])
 
-    anchor = str(P("anchor", "expert"))
-    if anchor not in ("expert", "student"):
-        raise ValueError(f"fixed-init anchor must be 'expert' or 'student', got {anchor!r}")
-    if anchor == "student" and augment:
-        raise ValueError("fixed-init: anchor='student' needs augment=False (its path is not augmented)")
-    path_every, path = max(1, int(P("path_every", 5))), None
+    anchor = s.anchor
+    path_every, path = max(1, s.path_every), None
 
     def device_path(X: np.ndarray, labels, lr: float):
         """[(params, buffers)] at the start of each segment of the device's own run from θ0: segment j
@@ -242,7 +201,7 @@ def distill_fixed_init(train: FeatureSet, cfg: DistillConfig, model_cfg: ModelCo
         return out
 
     bar = make_bar(progress, iterations, "fixed-init", start_it)
-    eval_every = max(1, int(P("eval_every", 10)))
+    eval_every = max(1, s.eval_every)
     for it in range(start_it, iterations + 1):
         # evaluate the device's procedure on validation speakers (and checkpoint) before the update
         if (it % eval_every == 0 or it == iterations) and not (loaded is not None and it == start_it):
@@ -254,7 +213,7 @@ def distill_fixed_init(train: FeatureSet, cfg: DistillConfig, model_cfg: ModelCo
                             "seconds": time.perf_counter() - t_start})
             if uar > best["val_uar"]:
                 best = {"val_uar": uar, "iteration": it, "lr": lr_now, "x": x_now().copy(), "y": y_np.copy()}
-            opt_arrays, opt_meta = _opt_state_to_arrays(opt)
+            opt_arrays, opt_meta = opt_state_to_arrays(opt)
             save_checkpoint(ckpt, {"z": z_syn.detach().numpy(), "labels": label_logits.detach().numpy(),
                                    "log_lr": log_lr.detach().numpy(), "best_x": best["x"], "best_y": best["y"],
                                    **opt_arrays},
@@ -276,7 +235,7 @@ def distill_fixed_init(train: FeatureSet, cfg: DistillConfig, model_cfg: ModelCo
             seg = int(rng.integers(0, len(path)))
             params, buffers, start = path[seg][0], {k: v.clone() for k, v in path[seg][1].items()}, seg * ahead
         else:
-            start = 0 if rng.random() < float(P("p_theta0", 0.3)) else int(rng.integers(0, max_start + 1))
+            start = 0 if rng.random() < s.p_theta0 else int(rng.integers(0, max_start + 1))
             params = {k: torch.as_tensor(traj.states[k][start]) for k in names}
             buffers = {k: torch.as_tensor(traj.states[k][start]).clone() for k in buffer_names}
         start_vec = torch.cat([params[k].reshape(-1) for k in names])
@@ -314,47 +273,27 @@ def distill_fixed_init(train: FeatureSet, cfg: DistillConfig, model_cfg: ModelCo
     # 4. the device's schedule: step size and number of steps chosen on the same score
     schedule, sel_uar, table = select_schedule(
         best["x"], best["y"], device.replace(lr=best["lr"]), model_cfg, theta0, select_on,
-        lr_factors=tuple(P("lr_factors", (1.0,))), extra_lrs=tuple(P("lr_grid", (0.1, 0.2, 0.4))),
-        epoch_grid=tuple(P("epoch_grid", (100, 150, 200))))
-    if P("robust_schedule", False):
+        lr_factors=s.lr_factors, extra_lrs=s.lr_grid, epoch_grid=s.epoch_grid, progress=progress)
+    if s.robust_schedule:
         # the recipe real subsets get (Adam, SpecAugment, ~300 steps) competes on the same validation
         # speakers: the set was matched to plain SGD, but a device may generalise better with this one
         from .coreset import real_subset_schedule
 
-        robust = real_subset_schedule(len(best["x"]), cfg)
+        robust = real_subset_schedule(len(best["x"]), cfg.seed, steps=s.robust_steps, lr=s.robust_lr,
+                                      batch_size=s.robust_batch, augment=s.augment)
         uar = val_uar(best["x"], best["y"], robust, model_cfg, theta0, select_on)
         table.append({"optimizer": robust.optimizer, "lr": robust.lr, "epochs": robust.epochs,
                       "augment": robust.augment, "val_uar": uar})
         if uar > sel_uar + 1e-9:
             schedule, sel_uar = robust, uar
     stats = {"seconds": time.perf_counter() - t_start, "peak_rss_mb": peak_rss_mb(), "iterations": iterations,
-             "history": history, "best_iteration": best.get("iteration"), "val_uar": sel_uar, "select_on": selection,
-             "selection_clips": len(val) + (len(scored) if selection == "val_train" else 0),
+             "history": history, "best_iteration": best.get("iteration"), "val_uar": sel_uar, "select_on": s.select_on,
+             "selection_clips": len(val) + (len(scored) if s.select_on == "val_train" else 0),
              "schedule_selection": table, "experts": [str(p) for p in paths], "workdir": str(wd),
              "val_speakers": val.speaker_ids(), "init_labels": y_hard.tolist()}
     y_out = np.asarray(best["y"], np.float32)
-    if not (P("teacher_labels", False) or learn_labels):
+    if not (s.teacher_labels or learn_labels):
         y_out = y_hard  # plain class labels: the synthetic set carries int labels
     return SyntheticSet(X=np.asarray(best["x"], np.float32), y=y_out,
                         classes=train.classes, schedule=schedule, method="fixed-init", ipc=cfg.ipc, stats=stats)
 
-
-def _opt_state_to_arrays(opt):
-    """Adam state as flat arrays + JSON meta (so checkpoints need no pickle)."""
-    sd = opt.state_dict()
-    arrays, meta = {}, {"param_groups": sd["param_groups"], "state": {}}
-    for pid, st in sd["state"].items():
-        meta["state"][str(pid)] = {}
-        for key, val in st.items():
-            name = f"opt_{pid}_{key}"
-            arrays[name] = val.detach().numpy().copy() if hasattr(val, "numpy") else np.asarray(val)
-            meta["state"][str(pid)][key] = name
-    return arrays, meta
-
-
-def _opt_state_from_arrays(arrays, meta):
-    import torch
-
-    state = {int(pid): {key: torch.as_tensor(arrays[name]) for key, name in st.items()}
-             for pid, st in meta["state"].items()}
-    return {"state": state, "param_groups": meta["param_groups"]}
