@@ -163,6 +163,7 @@ def test_audit_flags_a_pack_of_real_clips(tmp_path, demo_small, split):
     assert json.loads((tmp_path / "audit" / "report.json").read_text())["near_copies"] == r["near_copies"]
 
 
+@pytest.mark.slow
 def test_audit_does_not_flag_a_pack_of_noise(tmp_path, demo_small, split):
     train, _, held = split
     rng = np.random.default_rng(5)
@@ -176,6 +177,7 @@ def test_audit_does_not_flag_a_pack_of_noise(tmp_path, demo_small, split):
     assert r["reid_rate"] <= 2 * r["reid_chance"], f"noise 're-identified' {r['reid_rate']} vs {r['reid_chance']}"
 
 
+@pytest.mark.slow
 def test_cli_audit_json_keys_and_mismatch_refused(tmp_path, demo_small, split):
     train, _, held = split
     path = tmp_path / "real.pack"
