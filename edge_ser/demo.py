@@ -30,9 +30,9 @@ DEMO_ITERATIONS = 2
 DEMO_PARAMS = {"experts": 1, "expert_epochs": 4, "max_start_epoch": 2, "syn_steps": 2, "eval_every": 100,
                "eval_epochs": 20, "lr_factors": (), "lr_grid": (0.2,), "epoch_grid": (40,),
                "select_train_max": 200}
-#: what the demo takes on an idle 2-core x86 machine (measured; README "Two commands"), and what to expect
-#: on a busy one, said at the start
-DEMO_MINUTES = "about 3 minutes on an idle 2-core machine, longer on a busy one"
+#: what the demo takes (README "Two commands": 75 s of CPU time, 3.2 min wall on a shared, busy 2-core x86
+#: machine), said at the start
+DEMO_MINUTES = "2-3 minutes on a 2-core machine (3.2 min measured on a busy one)"
 #: the held-out utterances the listen step strings together, in this order where the classes exist
 LISTEN_CLASSES = ("angry", "sad", "happy", "neutral")
 
@@ -226,6 +226,9 @@ def run_demo(workdir=None, ipc: int = 10, quiet: bool = False, iterations: int =
     say.took(f"{len(results)} hops; {agree} of {len(spoken)} match the emotion spoken longest in their window")
     for f in model_dir.iterdir():            # what a user copies to a device must be readable by its service
         out.setdefault("modes", {})[f.name] = oct(f.stat().st_mode & 0o777)
+    from .memory import peak_rss_mb
+
+    out["peak_rss_mb"] = round(peak_rss_mb(), 1)
     out["seconds"] = round(time.perf_counter() - t0, 1)
     return out
 
@@ -245,10 +248,12 @@ def format_demo_summary(d: Dict) -> str:
         ("golden check", "passed" if g.get("passed") else "FAILED",
          f"device model matches the server's reference (max logit diff {g.get('max_abs_deviation', float('nan')):.2g})"),
         ("held-out UAR", f"{e.get('uar', 0):.2f}", f"mean per-class recall on speakers never distilled (chance {1 / n_cls:.2f})"),
-        ("model files", ", ".join(f"{k} {v / 1024:.0f} KB" for k, v in sorted(sizes.items()) if k != "torch") or "-",
-         "what a device runs (no torch needed)"),
+        ("model files", f"{len([k for k in sizes if k != 'torch'])} files",
+         "what a device runs, no torch needed: " + ", ".join(f"{k} {v / 1024:.0f} KB" for k, v in sorted(sizes.items())
+                                                             if k != "torch")),
         ("listen", f"{li.get('agree', 0)}/{len([x for x in li.get('emotions', [])])} hops",
          f"windows whose emotion matches the one spoken; {li.get('latency_ms_median') or 0:.0f} ms per hop"),
+        ("demo peak RSS", f"{d.get('peak_rss_mb', 0):.0f} MB", "this process (corpus, distillation, evaluate, listen)"),
         ("total", f"{d.get('seconds', 0) / 60:.1f} min", f"everything is in {d.get('workdir')}"),
     ]
     w0 = max(len(r[0]) for r in rows)

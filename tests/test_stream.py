@@ -268,9 +268,22 @@ def test_cli_json_lines_and_summary_without_torch(linear_model, wav_44k_stereo):
     assert q.returncode == 0 and q.stdout.strip() == "False", q.stderr
 
 
-def test_cli_errors(linear_model, tmp_path):
+def test_cli_errors(linear_model, tmp_path, wav_44k_stereo):
     p = _cli(linear_model.path, "--file", tmp_path / "missing.wav")
     assert p.returncode == 1 and "missing.wav" in p.stderr and len(p.stderr.strip().splitlines()) == 1
+    assert "no such file; check the path" in p.stderr and "System error" not in p.stderr
+    p = _cli(linear_model.path, "--file", tmp_path)
+    assert p.returncode == 1 and "not a regular file" in p.stderr and len(p.stderr.strip().splitlines()) == 1
+    # a FLAC cut mid-file: libsndfile says only "Internal psf_fseek() failed."; the line says what happened
+    # and what to do
+    flac = tmp_path / "cut.flac"
+    data, rate = sf.read(wav_44k_stereo, dtype="int16")
+    sf.write(flac, data, rate, subtype="PCM_16")
+    flac.write_bytes(flac.read_bytes()[: flac.stat().st_size // 2])
+    p = _cli(linear_model.path, "--file", flac, "--window", "1")
+    err = [line for line in p.stderr.splitlines() if line.startswith("edge-ser: error:")]
+    assert p.returncode == 1 and len(err) == 1, p.stderr
+    assert "truncated or damaged" in err[0] and "copy it again or re-encode it" in err[0]
     p = _cli(linear_model.path, "--file", tmp_path / "missing.wav", "--mqtt-topic", "t")
     assert p.returncode == 1 and "--broker" in p.stderr
 
