@@ -378,6 +378,9 @@ def main(argv=None) -> int:
         parser.print_help()
         return 0 if not argv else 2
     as_json = getattr(args, "json", False)
+    from .progress import enable
+
+    enable(not getattr(args, "quiet", False))      # long phases say what they do, on stderr
     try:
         result, human = args.fn(args)
     except KeyboardInterrupt:

@@ -499,8 +499,9 @@ class TFLiteRunner:
         self.metadata = read_tflite_metadata(data)
         Interpreter, self.runtime = _interpreter_class()
         try:
-            self._it = Interpreter(model_content=data, num_threads=int(threads))
-            self._it.allocate_tensors()
+            with _native_stderr_quiet():     # "INFO: Created TensorFlow Lite XNNPACK delegate for CPU." every time
+                self._it = Interpreter(model_content=data, num_threads=int(threads))
+                self._it.allocate_tensors()
         except (ValueError, RuntimeError) as exc:
             raise ValueError(f"{path}: TFLite runtime refused the model: {str(exc).strip().splitlines()[0]}") from None
         self._in = self._it.get_input_details()[0]
