@@ -16,7 +16,7 @@ from typing import Any, Callable, Dict
 EPILOG = """\
 the pipeline:
   server:  edge-ser corpus info CORPUS          what is in a corpus (speakers, classes, problems)
-           edge-ser pack CORPUS -o demo.pack    distil it into a signed pack of a few synthetic samples
+           edge-ser pack CORPUS -o demo.pack    distil it into a signed pack of a few log-Mel samples per class
            edge-ser publish demo.pack --broker mqtt://127.0.0.1:1883 --topic ser/packs
   device:  edge-ser agent --broker mqtt://127.0.0.1:1883 --topic ser/packs   receive, verify, train
            edge-ser train-local demo.pack -o model/    train from the pack, export ONNX / TFLite
@@ -235,8 +235,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("-o", "--output", help="pack file to write")
     sp.add_argument("--method", default=None,
                     help="distillation method: fixed-init (default), mtt, dm, dc, random, herding, kcenter")
-    sp.add_argument("--ipc", type=_int_at_least(1, "synthetic samples per class"), default=10,
-                    help="synthetic samples per class (default 10)")
+    sp.add_argument("--ipc", type=_int_at_least(1, "samples per class"), default=10,
+                    help="log-Mel samples per class in the pack (default 10)")
     sp.add_argument("--test-speakers", default=None,
                     help="speakers held out of distillation, e.g. 19-24 or A,B (default: last quarter)")
     sp.add_argument("--seed", type=int, default=0, help="seed for the initialisation and distillation")
@@ -336,8 +336,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp = add("demo", "run the whole pipeline on the built-in demo corpus (offline, about 3 minutes on 2 cores)",
              cmd_demo)
     sp.add_argument("--workdir", help="where to put keys, pack and model (default: a new temp folder)")
-    sp.add_argument("--ipc", type=_int_at_least(1, "synthetic samples per class"), default=10,
-                    help="synthetic samples per class (default 10)")
+    sp.add_argument("--ipc", type=_int_at_least(1, "samples per class"), default=10,
+                    help="log-Mel samples per class in the pack (default 10)")
     return p
 
 
