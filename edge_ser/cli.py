@@ -37,8 +37,11 @@ class CliError(Exception):
 class _Parser(argparse.ArgumentParser):
     """argparse, but a usage error is one line ``edge-ser: error: ...`` (plus the JSON object under --json)."""
 
+    #: whether the command line being parsed asked for --json (set by main(); argparse fails before it knows)
+    want_json = False
+
     def error(self, message):
-        _fail(f"{message} (see: {self.prog} --help)", "--json" in sys.argv[1:])
+        _fail(f"{message} (see: {self.prog} --help)", _Parser.want_json)
         sys.exit(2)
 
 
@@ -373,6 +376,7 @@ def main(argv=None) -> int:
     if len(argv) >= 2 and argv[0] == "pack" and argv[1] == "inspect":
         argv = ["pack-inspect"] + argv[2:]
     parser = build_parser()
+    _Parser.want_json = "--json" in argv
     args = parser.parse_args(argv)
     if not getattr(args, "fn", None):
         parser.print_help()

@@ -24,10 +24,11 @@ from typing import Dict, List, Optional
 
 #: distillation iterations for the demo (the default is 40): enough to show trajectory matching at work
 DEMO_ITERATIONS = 2
-#: fixed-init settings at demo size (the defaults in brackets): 1 expert of 4 epochs (2 of 15), 2 unrolled
-#: steps (4), scoring at the start and the end only with 20-epoch runs (every 10 iterations, 150 epochs), and
-#: one device schedule, 40 epochs at step size 0.2, instead of choosing among 9 (lr 0.1/0.2/0.4 x 100/150/200)
-DEMO_PARAMS = {"experts": 1, "expert_epochs": 4, "max_start_epoch": 2, "syn_steps": 2, "eval_every": 100,
+#: fixed-init settings at demo size (the defaults in brackets): 1 expert of 4 epochs (2 of 15), 1 unrolled
+#: step (4: each one's second-order graph costs ~300 MB here; at 2 the demo process peaked at 984 MiB), scoring
+#: at the start and the end only with 20-epoch runs (every 10 iterations, 150 epochs), and one device schedule,
+#: 40 epochs at step size 0.2, instead of choosing among 9 (lr 0.1/0.2/0.4 x 100/150/200 epochs)
+DEMO_PARAMS = {"experts": 1, "expert_epochs": 4, "max_start_epoch": 2, "syn_steps": 1, "eval_every": 100,
                "eval_epochs": 20, "lr_factors": (), "lr_grid": (0.2,), "epoch_grid": (40,),
                "select_train_max": 200}
 #: what the demo takes (README "Two commands": 75 s of CPU time, 3.2 min wall on a shared, busy 2-core x86
