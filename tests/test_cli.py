@@ -8,6 +8,7 @@ import time
 import pytest
 
 from test_faults import cli, one_error_line, small_corpus, wav
+from test_stream import linear_model  # noqa: F401 (a fixture: a real ONNX model with classes low/high)
 
 
 def _usage_error(proc) -> str:
@@ -119,3 +120,16 @@ def test_memory_advice_is_accepted():
     advised = int(re.search(r"give at least (\d+) MB", str(info.value)).group(1))
     plan = plan_training(mc, n=80, batch=16, threads=1, budget_mb=advised, baseline_mb=300.0)
     assert plan.estimate_mb <= advised
+
+
+def test_evaluate_lists_each_file_it_leaves_out(tmp_path, linear_model):
+    """evaluate, like pack and corpus info, names every file it could not use, one line each on stderr."""
+    root = small_corpus(tmp_path / "c", classes=("low", "high"))
+    (root / "low" / "bob_text.wav").write_text("not audio\n" * 30)
+    proc = cli("evaluate", linear_model.path, root, "--json", env={"HOME": str(tmp_path / "home")})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    left = [line for line in proc.stderr.splitlines() if line.startswith("edge-ser: left out: ")]
+    assert len(left) == 1 and "low/bob_text.wav" in left[0] and "not a readable audio file" in left[0]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["left_out"] == [line.replace("edge-ser: left out: ", "error: ") for line in left]
+    assert result["n"] == 8
