@@ -183,14 +183,17 @@ def pack(corpus, output, method: Optional[str] = None, ipc: int = 10, test_speak
         stored = to_stem(syn.X, theta0, model_cfg.stem_pool)
         syn.X = from_stem(stored, theta0, model_cfg.stem_pool, syn.X.shape[1:])
 
-    # golden vectors: θ0 trained with the pack's own schedule on the synthetic set, logits on a few
-    # synthetic inputs (never real speech: the pack must not carry the corpus)
+    # golden vectors: θ0 trained with the pack's own schedule on the synthetic set, logits on a few of the
+    # pack's own samples (no other clip of the corpus enters the pack)
     trained = build_model(model_cfg, seed=int(seed))
     trained.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in theta0.items()})
     threads = torch.get_num_threads()
     torch.set_num_threads(1)        # as a one-core device replays it: the check is then tightest there
     try:
-        train_schedule(trained, syn.X, syn.y, syn.schedule)
+        from .progress import phase
+
+        with phase(f"golden vectors: θ0 trained with the pack's schedule ({syn.schedule.epochs} epochs, one thread)"):
+            train_schedule(trained, syn.X, syn.y, syn.schedule)
     finally:
         torch.set_num_threads(threads)
     gidx = golden_indices(syn.hard_labels)
