@@ -240,15 +240,17 @@ def format_demo_summary(d: Dict) -> str:
     g = t.get("golden") or {}
     sizes = t.get("sizes") or {}
     n_cls = len(e.get("classes") or []) or 1
+    corpus_mb = (p.get("corpus_bytes") or 0) / 1e6
     rows = [
         ("pack", f"{(p.get('bytes') or 0) / 1024:.0f} KiB",
-         f"what devices receive: {p.get('samples')} log-Mel samples + θ0, from {(p.get('corpus_bytes') or 0) / 1e6:.0f} MB of audio"),
+         f"what devices receive: {p.get('samples')} log-Mel samples + θ0, from {corpus_mb:.0f} MB of audio"),
         ("distillation", f"{p.get('distill_seconds', 0):.0f} s", "server time to make the samples (demo size)"),
         ("device training", f"{t.get('train_seconds', 0):.0f} s", "θ0 trained on the pack, one thread"),
         ("device peak RSS", f"{t.get('peak_rss_mb', 0):.0f} MB", "train-local's memory, export included"),
         ("golden check", "passed" if g.get("passed") else "FAILED",
-         f"device model matches the server's reference (max logit diff {g.get('max_abs_deviation', float('nan')):.2g})"),
-        ("held-out UAR", f"{e.get('uar', 0):.2f}", f"mean per-class recall on speakers never distilled (chance {1 / n_cls:.2f})"),
+         f"device model matches the server's reference (max logit diff {g.get('max_abs_deviation', 0.0):.2g})"),
+        ("held-out UAR", f"{e.get('uar', 0):.2f}",
+         f"mean per-class recall on speakers never distilled (chance {1 / n_cls:.2f})"),
         ("model files", f"{len([k for k in sizes if k != 'torch'])} files",
          "what a device runs, no torch needed: " + ", ".join(f"{k} {v / 1024:.0f} KB" for k, v in sorted(sizes.items())
                                                              if k != "torch")),
