@@ -118,7 +118,7 @@ def _native_stderr_quiet():
     try:
         sys.stderr.flush()
         saved = os.dup(2)
-    except (OSError, ValueError):        # no real fd 2 (an embedding host): nothing to silence
+    except (OSError, ValueError, AttributeError):   # no real fd 2 or no sys.stderr: nothing to silence
         yield lambda: ""
         return
     log = tempfile.TemporaryFile()
