@@ -26,7 +26,8 @@ the pipeline:
            edge-ser doctor                             what runtimes this machine has
 
 CORPUS may be "demo" for the built-in synthetic demo corpus (no download; not for accuracy claims).
-Add --json to any command for one machine-readable JSON object on the last line of stdout.
+Add --json to any command for one machine-readable JSON object on the last line of stdout (progress and
+step messages go to stderr; --quiet drops them).
 """
 
 
@@ -41,6 +42,7 @@ class _Parser(argparse.ArgumentParser):
     want_json = False
 
     def error(self, message):
+        message = message.replace("'pack-inspect', ", "")     # the hidden spelling of `pack inspect`
         _fail(f"{message} (see: {self.prog} --help)", _Parser.want_json)
         sys.exit(2)
 
@@ -336,7 +338,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add("doctor", "check this machine's runtimes and what is missing", cmd_doctor)
 
-    sp = add("demo", "run the whole pipeline on the built-in demo corpus (offline, about 3 minutes on 2 cores)",
+    sp = add("demo", "run the whole pipeline on the built-in demo corpus (offline, 1.5-3 minutes on 2 cores)",
              cmd_demo)
     sp.add_argument("--workdir", help="where to put keys, pack and model (default: a new temp folder)")
     sp.add_argument("--ipc", type=_int_at_least(1, "samples per class"), default=10,
@@ -379,6 +381,9 @@ def main(argv=None) -> int:
     _Parser.want_json = "--json" in argv
     args = parser.parse_args(argv)
     if not getattr(args, "fn", None):
+        if argv and argv[0] == "corpus":
+            _fail("corpus needs a subcommand: info (see: edge-ser corpus --help)", "--json" in argv)
+            return 2
         parser.print_help()
         return 0 if not argv else 2
     as_json = getattr(args, "json", False)

@@ -30,6 +30,20 @@ def test_help_lists_only_real_commands_and_makes_no_false_claim():
         assert f"    {command}" in out, command
     inspect = cli("pack", "inspect", "--help")
     assert inspect.returncode == 0 and "usage: edge-ser pack inspect" in inspect.stdout
+    typo = _usage_error(cli("pakc"))
+    assert "invalid choice" in typo and "pack-inspect" not in typo
+    assert "corpus needs a subcommand" in _usage_error(cli("corpus"))
+
+
+@pytest.mark.slow
+def test_doctor_progress_goes_to_stderr_and_json_stays_alone():
+    proc = cli("doctor", "--json", timeout=300)
+    assert proc.returncode in (0, 1), proc.stderr[-2000:]
+    lines = proc.stdout.strip().splitlines()
+    assert len(lines) == 1 and "checks" in json.loads(lines[0])
+    assert "doctor" in proc.stderr                  # the bar naming the check under way
+    quiet = cli("doctor", "--json", "--quiet", timeout=300)
+    assert "doctor:" not in quiet.stderr and len(quiet.stdout.strip().splitlines()) == 1
 
 
 @pytest.mark.parametrize("args, words", [
