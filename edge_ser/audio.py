@@ -58,6 +58,86 @@ def resample(x: np.ndarray, src_rate: int, dst_rate: int) -> np.ndarray:
     return y.astype(np.float32)
 
 
+class StreamingResampler:
+    """Polyphase resampler that, fed in any chunks, gives the same samples as ``audio.resample`` on
+    the whole signal (scipy ``resample_poly``, Kaiser(5) window, zero padding at both ends).
+
+    >>> r = StreamingResampler(48000, 16000)
+    >>> y = np.concatenate([r.process(np.ones(4800)), r.flush()])
+    >>> len(y)
+    1600
+    """
+
+    def __init__(self, src_rate: int, dst_rate: int):
+        ratio = Fraction(int(dst_rate), int(src_rate)).limit_denominator(1000)
+        self.up, self.down = ratio.numerator, ratio.denominator
+        self.src_rate, self.dst_rate = int(src_rate), int(dst_rate)
+        self.identity = self.up == self.down == 1
+        if not self.identity:
+            from scipy.signal import firwin
+
+            max_rate = max(self.up, self.down)
+            half_len = 10 * max_rate
+            h = firwin(2 * half_len + 1, 1.0 / max_rate, window=("kaiser", 5.0)) * self.up
+            n_pre_pad = self.down - half_len % self.down
+            self.h = np.concatenate([np.zeros(n_pre_pad), h])
+            self.pre = (half_len + n_pre_pad) // self.down
+        self.x = np.zeros(0, dtype=np.float64)
+        self.base = 0          # absolute input index of self.x[0] (a multiple of down)
+        self.n_in = 0          # input samples received
+        self.m = 0             # output samples produced
+
+    def _n_hi(self, m: int) -> int:          # last input index that output m uses
+        return ((m + self.pre) * self.down) // self.up
+
+    def _n_lo(self, m: int) -> int:          # first input index that output m uses
+        return -((len(self.h) - 1 - (m + self.pre) * self.down) // self.up)
+
+    def inputs_needed(self, outputs: int) -> int:
+        """Input samples that must have arrived before output sample ``outputs - 1`` can be computed."""
+        if self.identity:
+            return outputs
+        return self._n_hi(outputs - 1) + 1 if outputs > 0 else 0
+
+    def _compute(self, m1: int) -> np.ndarray:
+        from scipy.signal import upfirdn
+
+        m0 = self.m
+        if m1 <= m0:
+            return np.zeros(0, dtype=np.float32)
+        s = max(0, self._n_lo(m0)) // self.down * self.down
+        e = min(self.n_in, self._n_hi(m1 - 1) + 1)
+        xs = self.x[s - self.base: e - self.base]
+        k0 = m0 + self.pre - s * self.up // self.down
+        y = upfirdn(self.h, xs, self.up, self.down)[k0: k0 + (m1 - m0)] if len(xs) else np.zeros(0)
+        if len(y) < m1 - m0:
+            y = np.concatenate([y, np.zeros(m1 - m0 - len(y))])
+        self.m = m1
+        new_base = max(0, self._n_lo(m1)) // self.down * self.down
+        if new_base > self.base:
+            self.x = self.x[new_base - self.base:]
+            self.base = new_base
+        return y.astype(np.float32)
+
+    def process(self, x: np.ndarray) -> np.ndarray:
+        """Feed input samples; return every output sample that is now fully determined."""
+        x = np.asarray(x, dtype=np.float32).reshape(-1)
+        self.n_in += len(x)
+        if self.identity:
+            self.m += len(x)
+            return x
+        self.x = np.concatenate([self.x, x.astype(np.float64)])
+        m_end = (self.n_in * self.up - 1) // self.down - self.pre + 1 if self.n_in else 0
+        return self._compute(max(self.m, m_end))
+
+    def flush(self) -> np.ndarray:
+        """End of signal: the remaining outputs (input beyond the end counts as zeros)."""
+        if self.identity:
+            return np.zeros(0, dtype=np.float32)
+        total = -(-self.n_in * self.up // self.down)
+        return self._compute(total)
+
+
 def to_mono(x: np.ndarray) -> np.ndarray:
     """Average channels (frames x channels -> frames)."""
     if x.ndim == 1:

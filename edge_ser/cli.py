@@ -16,7 +16,7 @@ from typing import Any, Callable, Dict
 EPILOG = """\
 the pipeline:
   server:  edge-ser corpus info CORPUS          what is in a corpus (speakers, classes, problems)
-           edge-ser pack CORPUS -o demo.pack    distil it into a signed pack of a few synthetic samples
+           edge-ser pack CORPUS -o demo.pack    distil it into a signed pack of a few log-Mel samples per class
            edge-ser publish demo.pack --broker mqtt://127.0.0.1:1883 --topic ser/packs
   device:  edge-ser agent --broker mqtt://127.0.0.1:1883 --topic ser/packs   receive, verify, train
            edge-ser train-local demo.pack -o model/    train from the pack, export ONNX / TFLite
@@ -26,12 +26,50 @@ the pipeline:
            edge-ser doctor                             what runtimes this machine has
 
 CORPUS may be "demo" for the built-in synthetic demo corpus (no download; not for accuracy claims).
-Add --json to any command for one machine-readable JSON object on the last line of stdout.
+Add --json to any command for one machine-readable JSON object on the last line of stdout (progress and
+step messages go to stderr; --quiet drops them).
 """
 
 
 class CliError(Exception):
     """An error the user can fix: printed as one line, exit status 1."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line ``edge-ser: error: ...`` (plus the JSON object under --json)."""
+
+    #: whether the command line being parsed asked for --json (set by main(); argparse fails before it knows)
+    want_json = False
+
+    def error(self, message):
+        message = message.replace("'pack-inspect', ", "")     # the hidden spelling of `pack inspect`
+        _fail(f"{message} (see: {self.prog} --help)", _Parser.want_json)
+        sys.exit(2)
+
+
+def _int_at_least(low: int, what: str):
+    """An argparse type: an integer >= ``low``, refused at parse time with what the option means."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"wants a whole number ({what}), got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low} ({what}), got {value}")
+        return value
+    return parse
+
+
+def _positive_float(what: str):
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"wants a number ({what}), got {text!r}") from None
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"must be more than 0 ({what}), got {text}")
+        return value
+    return parse
 
 
 def _json_default(obj):
@@ -84,7 +122,7 @@ def cmd_pack(a):
     from .packer import pack
 
     return pack(a.corpus, a.output, method=a.method, ipc=a.ipc, test_speakers=a.test_speakers, seed=a.seed,
-                fmt=a.format, key=a.key, model=a.model, iterations=a.iterations, progress=not a.json,
+                fmt=a.format, key=a.key, model=a.model, iterations=a.iterations, progress=not a.quiet,
                 params=parse_params(a.param)), None
 
 
@@ -146,46 +184,50 @@ def cmd_train_local(a):
     from .local import train_local
 
     return train_local(a.pack, a.output, memory_budget_mb=a.memory_budget_mb, threads=a.threads,
-                       public_key=a.public_key, export=not a.no_export, progress=not a.json, lean=a.lean), None
+                       public_key=a.public_key, export=not a.no_export, progress=not a.quiet, lean=a.lean), None
 
 
 def cmd_evaluate(a):
     from .evaluate import evaluate, format_evaluation
 
-    return evaluate(a.model, a.corpus, speakers=a.speakers, fmt=a.format, runtime=a.runtime), format_evaluation
+    return evaluate(a.model, a.corpus, speakers=a.speakers, fmt=a.format, runtime=a.runtime,
+                    progress=not a.quiet), format_evaluation
 
 
 def cmd_listen(a):
-    from .stream import listen_cli
+    from .listen_cli import listen_cli
 
     return listen_cli(a), None
 
 
 def cmd_demo(a):
-    from .demo import run_demo
+    from .demo import format_demo_summary, run_demo
 
-    return run_demo(a.workdir, ipc=a.ipc, quiet=a.json), None
+    return run_demo(a.workdir, ipc=a.ipc, quiet=a.quiet, as_json=a.json), format_demo_summary
 
 
 def cmd_doctor(a):
     from .doctor import doctor, format_doctor
 
-    return doctor(), format_doctor
+    return doctor(progress=not a.quiet), format_doctor
 
 
 # ---------------------------------------------------------------- parser
 
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--json", action="store_true", help="print one JSON object on the last line of stdout")
-    p = argparse.ArgumentParser(
+    common.add_argument("--json", action="store_true",
+                        help="print one JSON object on the last line of stdout (progress goes to stderr)")
+    common.add_argument("-q", "--quiet", action="store_true", help="no progress bars or step messages on stderr")
+    p = _Parser(
         prog="edge-ser", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
-        description="Speech emotion recognition for edge devices, trained from distilled packs "
-                    "(the emotional speech never leaves the server).")
+        description="Speech emotion recognition for edge devices: a server distils a corpus into a small signed "
+                    "pack of log-Mel feature samples (no audio), and devices train from the pack, never from the "
+                    "corpus.")
     from . import __version__
 
     p.add_argument("--version", action="version", version=f"edge-ser {__version__}")
-    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     fmt_help = "corpus layout (default: detected): ravdess, emodb, cremad, tess, iemocap, csv, folders, demo"
 
     def add(name, help, fn, **kw):
@@ -195,7 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
         return sp
 
     corpus = sub.add_parser("corpus", help="inspect a corpus", description="inspect a corpus")
-    csub = corpus.add_subparsers(dest="corpus_command", metavar="SUBCOMMAND")
+    csub = corpus.add_subparsers(dest="corpus_command", metavar="SUBCOMMAND", parser_class=_Parser)
     ci = csub.add_parser("info", help="speakers, classes, files, hours and problems of a corpus", parents=[common])
     ci.add_argument("path", help="corpus folder, CSV manifest, or 'demo'")
     ci.add_argument("--format", help=fmt_help)
@@ -208,22 +250,27 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("-o", "--output", help="pack file to write")
     sp.add_argument("--method", default=None,
                     help="distillation method: fixed-init (default), mtt, dm, dc, random, herding, kcenter")
-    sp.add_argument("--ipc", type=int, default=10, help="synthetic samples per class (default 10)")
+    sp.add_argument("--ipc", type=_int_at_least(1, "samples per class"), default=10,
+                    help="log-Mel samples per class in the pack (default 10)")
     sp.add_argument("--test-speakers", default=None,
                     help="speakers held out of distillation, e.g. 19-24 or A,B (default: last quarter)")
     sp.add_argument("--seed", type=int, default=0, help="seed for the initialisation and distillation")
     sp.add_argument("--format", help=fmt_help)
     sp.add_argument("--key", help="Ed25519 private key to sign with (default: ~/.config/edge-ser/signing.key)")
     sp.add_argument("--model", default="convnet", help="model architecture: convnet (default) or cnn6")
-    sp.add_argument("--iterations", type=int, default=None, help="distillation iterations (default: method's)")
+    sp.add_argument("--iterations", type=_int_at_least(0, "distillation iterations"), default=None,
+                    help="distillation iterations (default: method's)")
     sp.add_argument("--param", action="append", metavar="KEY=VALUE",
                     help="a method setting, repeatable, e.g. --param epoch_grid=80,120 (fixed-init: the device's "
                          "epoch counts to choose from); see the method's docs (edge_ser/distill/)")
 
-    psub_inspect = sub.add_parser("pack-inspect", help=argparse.SUPPRESS, parents=[common])
+    # `pack inspect PACK` is rewritten to this hidden command (main()); it is left out of the command list
+    psub_inspect = sub.add_parser("pack-inspect", prog="edge-ser pack inspect", parents=[common],
+                                  description="show a pack: members, checksums, configs, schedule, provenance")
     psub_inspect.add_argument("pack")
-    psub_inspect.add_argument("--public-key")
+    psub_inspect.add_argument("--public-key", help="Ed25519 public key to verify the signature with")
     psub_inspect.set_defaults(fn=cmd_pack_inspect)
+    sub._choices_actions[:] = [a for a in sub._choices_actions if a.dest != "pack-inspect"]
 
     sp = sub.add_parser("pack-audit", help=argparse.SUPPRESS, parents=[common],
                         description="measure what a pack reveals about the corpus it was made from: near-copies of "
@@ -275,8 +322,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--public-key", help="Ed25519 public key that packs must be signed with")
     sp.add_argument("--train", action="store_true", help="run train-local on every new pack")
     sp.add_argument("--once", action="store_true", help="exit after the first pack is stored")
-    sp.add_argument("--memory-budget-mb", type=float, default=None)
-    sp.add_argument("--threads", type=int, default=None)
+    sp.add_argument("--memory-budget-mb", type=_positive_float("MB"), default=None)
+    sp.add_argument("--threads", type=_int_at_least(1, "CPU threads; leave it out for all cores"), default=None)
 
     sp = add("train-local", "train the compact model from a pack on this device and export it", cmd_train_local,
              epilog="examples:\n  edge-ser train-local demo.pack -o model/ --threads 1\n"
@@ -288,9 +335,10 @@ def build_parser() -> argparse.ArgumentParser:
                     "batches: the golden check becomes informative); otherwise it refuses before training.")
     sp.add_argument("pack")
     sp.add_argument("-o", "--output", required=True, help="model folder to write")
-    sp.add_argument("--memory-budget-mb", type=float, default=None,
+    sp.add_argument("--memory-budget-mb", type=_positive_float("MB"), default=None,
                     help="peak RSS budget of the whole process, MB: plan to fit it, or refuse before training")
-    sp.add_argument("--threads", type=int, default=None, help="CPU threads for training (default: all)")
+    sp.add_argument("--threads", type=_int_at_least(1, "CPU threads; leave it out for all cores"), default=None,
+                    help="CPU threads for training, at least 1 (default: all cores)")
     sp.add_argument("--public-key", help="Ed25519 public key the pack must be signed with")
     sp.add_argument("--no-export", action="store_true", help="train and check only; skip ONNX/TFLite export")
     sp.add_argument("--lean", action="store_true",
@@ -324,9 +372,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     add("doctor", "check this machine's runtimes and what is missing", cmd_doctor)
 
-    sp = add("demo", "run the whole pipeline on the built-in demo corpus (offline, a few minutes)", cmd_demo)
+    sp = add("demo", "run the whole pipeline on the built-in demo corpus (offline, 1.5-3 minutes on 2 cores)",
+             cmd_demo)
     sp.add_argument("--workdir", help="where to put keys, pack and model (default: a new temp folder)")
-    sp.add_argument("--ipc", type=int, default=10, help="synthetic samples per class (default 10)")
+    sp.add_argument("--ipc", type=_int_at_least(1, "samples per class"), default=10,
+                    help="log-Mel samples per class in the pack (default 10)")
     return p
 
 
@@ -364,11 +414,18 @@ def main(argv=None) -> int:
     elif len(argv) >= 2 and argv[0] == "pack" and argv[1] == "audit":
         argv = ["pack-audit"] + argv[2:]
     parser = build_parser()
+    _Parser.want_json = "--json" in argv
     args = parser.parse_args(argv)
     if not getattr(args, "fn", None):
+        if argv and argv[0] == "corpus":
+            _fail("corpus needs a subcommand: info (see: edge-ser corpus --help)", "--json" in argv)
+            return 2
         parser.print_help()
         return 0 if not argv else 2
     as_json = getattr(args, "json", False)
+    from .progress import enable
+
+    enable(not getattr(args, "quiet", False))      # long phases say what they do, on stderr
     try:
         result, human = args.fn(args)
     except KeyboardInterrupt:
@@ -379,6 +436,8 @@ def main(argv=None) -> int:
         return 1
     if result is not None:
         emit(result, as_json, human)
+        if isinstance(result, dict) and result.get("ok") is False and result.get("error"):
+            sys.stderr.write(f"edge-ser: error: {_one_line(result['error'])}\n")
     return 0 if not (isinstance(result, dict) and result.get("ok") is False) else 1
 
 

@@ -126,11 +126,24 @@ def _training_step() -> Dict[str, Any]:
     return {"seconds": float(seconds), "peak_rss_mb": float(rss)}
 
 
-def doctor() -> Dict[str, Any]:
+def doctor(progress: bool = False) -> Dict[str, Any]:
     """Check imports, a tiny ONNX inference and a tiny training step; ``ok`` is False when a required
-    runtime is missing. Each check says what to install when it fails."""
+    runtime is missing. Each check says what to install when it fails. ``progress``: a bar on stderr naming
+    the check under way (importing torch and the training step take seconds each)."""
     checks: Dict[str, Dict[str, Any]] = {}
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(PACKAGES) + 2, desc="doctor", unit="check", leave=False)
+
+    def step(name: str) -> None:          # the bar counts the checks finished and names the one under way
+        if bar is not None:
+            bar.n = len(checks)
+            bar.set_postfix_str(name)
+
     for name, (module, purpose, install, required) in PACKAGES.items():
+        step(name)
         if name == "tflite":
             res = _check(_tflite)
         elif name == "sounddevice":
@@ -141,11 +154,16 @@ def doctor() -> Dict[str, Any]:
         if not res["ok"]:
             res["install"] = install
         checks[name] = res
+    step("onnx-inference")
     checks["onnx-inference"] = _check(_onnx_inference) if checks["onnxruntime"]["ok"] else \
         {"ok": False, "error": "onnxruntime missing"}
     checks["onnx-inference"].update({"purpose": "run an ONNX graph", "required": True})
+    step("training-step (a subprocess)")
     checks["training-step"] = _check(_training_step) if checks["torch"]["ok"] else {"ok": False, "error": "torch missing"}
     checks["training-step"].update({"purpose": "train-local (subprocess)", "required": True})
+    if bar is not None:
+        bar.n = len(checks)
+        bar.close()
     missing = [n for n, c in checks.items() if not c["ok"]]
     required_missing = [n for n in missing if checks[n]["required"]]
     return {"ok": not required_missing, "checks": checks, "missing": missing, "required_missing": required_missing,

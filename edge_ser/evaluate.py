@@ -15,18 +15,24 @@ import numpy as np
 
 
 def evaluate(model, corpus, speakers: Optional[str] = None, fmt: Optional[str] = None,
-             runtime: Optional[str] = None, threads: int = 1, batch: int = 16) -> Dict[str, Any]:
+             runtime: Optional[str] = None, threads: int = 1, batch: int = 16,
+             progress: bool = False) -> Dict[str, Any]:
     """Score ``model`` (folder or file, see :func:`runtime.load_runtime`) on ``corpus`` (path or "demo").
 
     ``speakers``: e.g. "19-24"; default: the model's test speakers (model.json), else every speaker.
+    Files that cannot be decoded are left out and listed one line each on stderr (and in ``left_out``);
+    ``progress`` shows the feature extraction of a corpus not yet in the cache on stderr.
     """
     from .corpora import load_features
     from .data import normalise_speaker, parse_speakers
     from .metrics import scores
+    from .corpora.problems import check_corpus_path, report_problems
     from .runtime import load_runtime
 
+    check_corpus_path(corpus, fmt)
     runner = load_runtime(model, runtime=runtime, threads=threads)
-    fs, _problems = load_features(corpus, runner.feature_config, fmt=fmt)
+    fs, problems = load_features(corpus, runner.feature_config, fmt=fmt, progress=progress)
+    left_out = report_problems(problems)
     info = getattr(runner, "model_info", None) or {}
     wanted = parse_speakers(speakers) if speakers else list(info.get("test_speakers") or [])
     source = "--speakers" if speakers else ("model test speakers" if wanted else "all speakers")
@@ -62,6 +68,8 @@ def evaluate(model, corpus, speakers: Optional[str] = None, fmt: Optional[str] =
     out.update({"runtime": runner.name, "classes": shared, "model_classes": model_classes,
                 "corpus_classes": list(fs.classes), "speakers": sorted(set(fs.speakers.tolist())),
                 "speaker_source": source, "model": str(model), "corpus": str(corpus)})
+    if left_out:
+        out["left_out"] = left_out
     dropped = [c for c in model_classes if c not in shared]
     if dropped:
         out["note"] = f"model classes not in corpus ignored: {', '.join(dropped)}"

@@ -282,6 +282,8 @@ def export_all(model, folder, metadata: Dict[str, str], calib_X: np.ndarray, tfl
     with timings and parity: torch-vs-fp32 and fp32-vs-int8 on ``calib_X``. ``warn(msg)`` gets warnings."""
     import torch
 
+    from .progress import phase
+
     warn = warn or (lambda msg: log.warning(msg))
     folder = Path(folder)
     fc_frames = calib_X.shape[2]
@@ -293,9 +295,10 @@ def export_all(model, folder, metadata: Dict[str, str], calib_X: np.ndarray, tfl
                               for i in range(0, len(calib_X), 8)])
 
     t0 = time.perf_counter()
-    files["onnx"] = export_onnx(model, folder / "model.onnx", metadata, n_mels, fc_frames)
-    fp32 = OnnxRunner(folder / "model.onnx", threads=1)
-    fp32_logits = batched(fp32.predict_logits, calib_X)
+    with phase("export: ONNX fp32"):
+        files["onnx"] = export_onnx(model, folder / "model.onnx", metadata, n_mels, fc_frames)
+        fp32 = OnnxRunner(folder / "model.onnx", threads=1)
+        fp32_logits = batched(fp32.predict_logits, calib_X)
     files["onnx"]["agreement_vs_torch"] = agreement(ref, fp32_logits)
     files["onnx"]["seconds"] = time.perf_counter() - t0
     if files["onnx"]["agreement_vs_torch"]["max_abs_logit_diff"] > 1e-3:
@@ -303,10 +306,11 @@ def export_all(model, folder, metadata: Dict[str, str], calib_X: np.ndarray, tfl
              "in the logits")
 
     t0 = time.perf_counter()
-    files["onnx-int8"] = quantize_int8(folder / "model.onnx", folder / "model.int8.onnx", calib_X, metadata,
-                                       max_intermediate=max_intermediate)
-    int8 = OnnxRunner(folder / "model.int8.onnx", threads=1)
-    agree = agreement(fp32_logits, batched(int8.predict_logits, calib_X))
+    with phase(f"export: ONNX int8, calibrated on {len(calib_X)} windows"):
+        files["onnx-int8"] = quantize_int8(folder / "model.onnx", folder / "model.int8.onnx", calib_X, metadata,
+                                           max_intermediate=max_intermediate)
+        int8 = OnnxRunner(folder / "model.int8.onnx", threads=1)
+        agree = agreement(fp32_logits, batched(int8.predict_logits, calib_X))
     files["onnx-int8"]["agreement_vs_fp32"] = agree
     files["onnx-int8"]["seconds"] = time.perf_counter() - t0
     if agree["argmax_agreement"] < AGREEMENT_WARN:
@@ -317,7 +321,8 @@ def export_all(model, folder, metadata: Dict[str, str], calib_X: np.ndarray, tfl
     if tflite:
         t0 = time.perf_counter()
         try:
-            files["tflite"] = export_tflite(model, calib_X, folder / "model.int8.tflite", metadata)
+            with phase("export: TFLite int8 (loading TensorFlow's converter)"):
+                files["tflite"] = export_tflite(model, calib_X, folder / "model.int8.tflite", metadata)
             try:
                 from .runtime import load_runtime
 

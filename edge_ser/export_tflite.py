@@ -71,32 +71,11 @@ def export_tflite_int8(model, calib_X: np.ndarray, path, metadata: Optional[dict
 
     t0 = time.perf_counter()
     X = _check_calib(model, calib_X)
-    tf = _import_tensorflow()
-    meta = _metadata_json(model, metadata)
-    keras_model = _keras_convnet(tf, model)
-
-    rng = np.random.default_rng(seed)
-    idx = rng.permutation(len(X))[:max_calib]
-    calib = X[np.sort(idx)]
-
-    def representative():
-        for x in calib:
-            yield [x[None].astype(np.float32)]
-
-    converter = tf.lite.TFLiteConverter.from_keras_model(keras_model)
-    converter.optimizations = [tf.lite.Optimize.DEFAULT]
-    converter.representative_dataset = representative
-    converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
-    converter.inference_input_type = tf.float32
-    converter.inference_output_type = tf.float32
-    try:
-        with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
-            # Keras prints the traced signature; the converter warns about float input statistics we
-            # deliberately leave to its QUANTIZE op. Neither is news to the caller.
-            warnings.filterwarnings("ignore", message="Statistics for quantized inputs")
-            flat = converter.convert()
-    except Exception as exc:  # the converter's own errors are long; keep the first line
-        raise RuntimeError(f"TFLite int8 conversion failed: {str(exc).strip().splitlines()[0]}") from exc
+    with _native_stderr_quiet() as native_log:
+        tf = _import_tensorflow()
+        meta = _metadata_json(model, metadata)
+        keras_model = _keras_convnet(tf, model)
+        flat = _convert(tf, keras_model, X, max_calib, seed, native_log)
     flat = add_tflite_metadata(flat, METADATA_NAME, json.dumps(meta, sort_keys=True).encode())
 
     path = Path(path)
@@ -121,11 +100,76 @@ def export_tflite_int8(model, calib_X: np.ndarray, path, metadata: Optional[dict
         "runtime": runner.runtime,
         "agreement": float(np.mean(lite.argmax(1) == ref.argmax(1))),
         "max_abs_logit_diff": float(np.abs(lite - ref).max()),
-        "calib_examples": int(len(calib)),
+        "calib_examples": int(min(len(X), max_calib)),
         "checked_examples": int(len(check)),
         "ops": graph["ops"],
         "fully_integer": is_fully_integer(graph),
     }
+
+
+@contextlib.contextmanager
+def _native_stderr_quiet():
+    """Send file descriptor 2 to a temporary file while TensorFlow loads and converts: its C++ and absl
+    logging (oneDNN notes, "All log messages before absl::InitializeLog()", MLIR pass notes) ignores
+    TF_CPP_MIN_LOG_LEVEL in parts and is noise on every train-local. Yields a callable returning what
+    was written, for an error message. Python's sys.stderr (a progress bar) is left alone."""
+    import sys
+
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError, AttributeError):   # no real fd 2 or no sys.stderr: nothing to silence
+        yield lambda: ""
+        return
+    log = tempfile.TemporaryFile()
+    try:
+        os.dup2(log.fileno(), 2)
+        py_err = sys.stderr
+        sys.stderr = os.fdopen(os.dup(saved), "w", buffering=1, closefd=True)   # Python's own writes still show
+
+        def text() -> str:
+            log.seek(0)
+            return log.read().decode("utf-8", "replace")
+        try:
+            yield text
+        finally:
+            try:
+                sys.stderr.flush()
+                sys.stderr.close()
+            finally:
+                sys.stderr = py_err
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        log.close()
+
+
+def _convert(tf, keras_model, X: np.ndarray, max_calib: int, seed: int, native_log) -> bytes:
+    rng = np.random.default_rng(seed)
+    idx = rng.permutation(len(X))[:max_calib]
+    calib = X[np.sort(idx)]
+
+    def representative():
+        for x in calib:
+            yield [x[None].astype(np.float32)]
+
+    converter = tf.lite.TFLiteConverter.from_keras_model(keras_model)
+    converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    converter.representative_dataset = representative
+    converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+    converter.inference_input_type = tf.float32
+    converter.inference_output_type = tf.float32
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+            # Keras prints the traced signature; the converter warns about float input statistics we
+            # deliberately leave to its QUANTIZE op. Neither is news to the caller.
+            warnings.filterwarnings("ignore", message="Statistics for quantized inputs")
+            flat = converter.convert()
+    except Exception as exc:  # the converter's own errors are long; keep the first line (and its native log's last)
+        native = [line for line in native_log().strip().splitlines() if line.strip()]
+        tail = f" (TensorFlow: {native[-1].strip()[:200]})" if native else ""
+        raise RuntimeError(f"TFLite int8 conversion failed: {str(exc).strip().splitlines()[0]}{tail}") from exc
+    return flat
 
 
 def _check_calib(model, calib_X) -> np.ndarray:
@@ -234,6 +278,9 @@ def _atomic_write(path: Path, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)   # mkstemp makes 0600; the other model files get the usual 0644
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -452,8 +499,9 @@ class TFLiteRunner:
         self.metadata = read_tflite_metadata(data)
         Interpreter, self.runtime = _interpreter_class()
         try:
-            self._it = Interpreter(model_content=data, num_threads=int(threads))
-            self._it.allocate_tensors()
+            with _native_stderr_quiet():     # "INFO: Created TensorFlow Lite XNNPACK delegate for CPU." every time
+                self._it = Interpreter(model_content=data, num_threads=int(threads))
+                self._it.allocate_tensors()
         except (ValueError, RuntimeError) as exc:
             raise ValueError(f"{path}: TFLite runtime refused the model: {str(exc).strip().splitlines()[0]}") from None
         self._in = self._it.get_input_details()[0]

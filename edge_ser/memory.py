@@ -16,6 +16,7 @@ refuses before training starts, with the numbers. Without a budget: the schedule
 from __future__ import annotations
 
 import functools
+import math
 import os
 import resource
 from dataclasses import dataclass
@@ -221,16 +222,18 @@ def plan_training(model_config: ModelConfig, n: int, batch: int, threads: Option
     if budget_mb is None:
         return make(batch, threads, chunked=lean and can_chunk)
     budget = float(budget_mb)
-    smallest = max(estimate_mb(baseline, per_sample, 1, 1, fixed), export_est)
+    # the least budget any plan fits, rounded up, +2 MB for the next run's baseline jitter: the advice "give at
+    # least N MB" must then be accepted (it said 380 where 380.4 was needed)
+    smallest = math.ceil(max(estimate_mb(baseline, per_sample, 1, 1, fixed), export_est)) + 2
     if baseline >= budget:
         raise MemoryBudgetError(
             f"memory budget {budget:.0f} MB is below the process baseline: torch and the pack already take "
-            f"{baseline:.0f} MB RSS; give at least {smallest:.0f} MB")
+            f"{baseline:.0f} MB RSS; give at least {smallest} MB")
     if export and export_est > budget:
         raise MemoryBudgetError(
             f"memory budget {budget:.0f} MB cannot fit the export step (~{export_est:.0f} MB: "
             f"{baseline:.0f} MB baseline + ~{EXPORT_MB:.0f} MB for onnxruntime quantisation); "
-            f"raise the budget or use --no-export")
+            f"give at least {math.ceil(export_est) + 2} MB or use --no-export")
     candidates = sorted({threads, 1}, reverse=True)
     for th in candidates:        # 1. the schedule as is
         if estimate_mb(baseline, per_sample, batch, th, fixed) <= budget and not (lean and can_chunk):
@@ -246,4 +249,4 @@ def plan_training(model_config: ModelConfig, n: int, batch: int, threads: Option
             return make(mb, th)
     raise MemoryBudgetError(
         f"memory budget {budget:.0f} MB is too small to train: {baseline:.0f} MB baseline (torch + pack) + "
-        f"~{fixed:.0f} MB autograd + {per_sample:.1f} MB per sample needs >= {smallest:.0f} MB")
+        f"~{fixed:.0f} MB autograd + {per_sample:.1f} MB per sample needs at least {smallest} MB")

@@ -1,7 +1,8 @@
 """Server-side ``edge_ser.pack()``: corpus -> features -> θ0 -> distillation -> golden vectors -> signed pack.
 
-What ``edge-ser pack`` runs. The real speech never enters the pack: only synthetic features, θ0, configs,
-golden vectors computed *on synthetic inputs*, and provenance.
+What ``edge-ser pack`` runs. The pack holds no audio: a few log-Mel feature samples per class (learned, or
+with the default at IPC >= 10 usually real clips' features chosen by herding), θ0, configs, golden vectors
+computed on those samples, and provenance.
 """
 from __future__ import annotations
 
@@ -97,13 +98,36 @@ def privacy_claim(syn, cfg) -> dict:
     return {"real_clips": real, "init": init, "epsilon": None, "delta": None}
 
 
+def check_output(output) -> Path:
+    """The pack file to write, refused at once when it cannot be written (a folder, a missing or read-only
+    folder): otherwise the failure would come after the whole distillation."""
+    if not output:
+        raise ValueError("no output file: pass -o FILE.pack")
+    out = Path(output).expanduser()
+    if out.is_dir():
+        raise ValueError(f"-o {output}: is a folder; give a file name, e.g. -o {out / 'corpus.pack'}")
+    parent = out.parent if str(out.parent) else Path(".")
+    if not parent.is_dir():
+        raise ValueError(f"-o {output}: folder {parent} does not exist; create it first (mkdir -p {parent})")
+    try:        # a real probe: permission bits say nothing for root, /proc or a read-only mount
+        import tempfile
+
+        with tempfile.NamedTemporaryFile(dir=parent, prefix=f".{out.name}.probe-"):
+            pass
+    except OSError as exc:
+        raise PermissionError(f"-o {output}: cannot write in {parent} ({exc.strerror or exc}); "
+                              "choose another -o") from None
+    return out
+
+
 def pack(corpus, output, method: Optional[str] = None, ipc: int = 10, test_speakers=None, seed: int = 0,
          fmt: Optional[str] = None, key=None, model: str = "convnet", iterations: Optional[int] = None,
-         progress: bool = True, params: Optional[dict] = None) -> dict:
+         progress: bool = True, params: Optional[dict] = None, threads: Optional[int] = None) -> dict:
     """Distil ``corpus`` (a path, or ``"demo"``) into a signed pack at ``output``.
 
     ``params`` are the method's own settings (its module docstring lists them), e.g. fixed-init's
-    ``{"epoch_grid": (80, 120)}`` to keep the device's schedule at 120 epochs or fewer.
+    ``{"epoch_grid": (80, 120)}`` to keep the device's schedule at 120 epochs or fewer. ``threads``: torch
+    threads for distillation (None: the method's default); 1 is far faster on a busy machine.
 
     Held-out speakers (``test_speakers``, e.g. ``"19-24"``; default the last quarter) never enter
     distillation. Signs with ``key`` (default ``$EDGE_SER_HOME/signing.key`` or
@@ -112,31 +136,29 @@ def pack(corpus, output, method: Optional[str] = None, ipc: int = 10, test_speak
     >>> info = pack("demo", "demo.pack", ipc=10)          # doctest: +SKIP
     >>> info["pack_id"], info["bytes"]                     # doctest: +SKIP
     """
-    from .distill import DEFAULT_METHOD, validate_params
-
-    validate_params(method or DEFAULT_METHOD, params)   # a misspelt --param fails now, before torch and the corpus
-    import torch
-
-    from . import signing
-    from .config import default_model_config
-    from .corpora import load_features, open_corpus
-    from .data import default_test_speakers, parse_speakers
-    from .distill import DEFAULT_METHOD, DistillConfig, distill
-    from .models import build_model, input_stats, set_input_stats, state_arrays
-    from .packfile import write_pack
-    from .schedule import train_schedule
-    from .train import predict_logits
-
     t0 = time.perf_counter()
-    if not output:
-        raise ValueError("no output file: pass -o FILE.pack")
-    if ipc < 1:
-        raise ValueError("--ipc must be at least 1")
-    output = Path(output)
-    cfg = DistillConfig(method=method or DEFAULT_METHOD, ipc=int(ipc), iterations=iterations, seed=int(seed),
-                        params=tuple(sorted((params or {}).items())))
+    # everything a user can get wrong is refused here, in well under a second, before torch loads
+    output = check_output(output)
+    from .corpora.problems import check_corpus_path, report_problems
 
-    # the key first: failing after a long distillation would waste the user's time
+    check_corpus_path(corpus, fmt)
+    if int(ipc) < 1:
+        raise ValueError(f"--ipc must be at least 1 (synthetic samples per class), got {ipc}")
+    if iterations is not None and int(iterations) < 0:
+        raise ValueError(f"--iterations must be 0 or more, got {iterations}")
+    from .distill import DEFAULT_METHOD, DistillConfig
+
+    if threads is not None and int(threads) < 1:
+        raise ValueError(f"threads must be at least 1, got {threads}")
+    cfg = DistillConfig(method=method or DEFAULT_METHOD, ipc=int(ipc), iterations=iterations, seed=int(seed),
+                        threads=threads, params=tuple(sorted((params or {}).items())))
+
+    from .corpora import open_corpus
+
+    corp = open_corpus(corpus, fmt)     # scanned before torch loads: an unusable layout fails at once
+    from . import signing
+
+    # the key next: failing after a long distillation would waste the user's time
     key_note = None
     key_path = Path(key).expanduser() if key else signing.default_private_key()
     if not key and not key_path.exists():
@@ -145,9 +167,20 @@ def pack(corpus, output, method: Optional[str] = None, ipc: int = 10, test_speak
         sys.stderr.write(f"edge-ser: NOTE: {key_note}\n")
     private_key = signing.load_private_key(key_path)
 
-    corp = open_corpus(corpus, fmt)
+    import torch
+
+    from .config import default_model_config
+    from .corpora import load_features
+    from .data import default_test_speakers, parse_speakers
+    from .distill import distill
+    from .models import build_model, input_stats, set_input_stats, state_arrays
+    from .packfile import write_pack
+    from .schedule import train_schedule
+    from .train import predict_logits
+
     corpus_bytes = int(sum(os.path.getsize(u.path) for u in corp.utterances if os.path.exists(u.path)))
     fs, problems = load_features(corp, progress=progress)
+    left_out = report_problems(problems)
     speakers = fs.speaker_ids()
     held = parse_speakers(test_speakers) if test_speakers else default_test_speakers(speakers)
     train, test = fs.split_speakers(held)
@@ -177,14 +210,17 @@ def pack(corpus, output, method: Optional[str] = None, ipc: int = 10, test_speak
         stored = to_stem(syn.X, theta0, model_cfg.stem_pool)
         syn.X = from_stem(stored, theta0, model_cfg.stem_pool, syn.X.shape[1:])
 
-    # golden vectors: θ0 trained with the pack's own schedule on the synthetic set, logits on a few
-    # synthetic inputs (never real speech: the pack must not carry the corpus)
+    # golden vectors: θ0 trained with the pack's own schedule on the synthetic set, logits on a few of the
+    # pack's own samples (no other clip of the corpus enters the pack)
     trained = build_model(model_cfg, seed=int(seed))
     trained.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in theta0.items()})
     threads = torch.get_num_threads()
     torch.set_num_threads(1)        # as a one-core device replays it: the check is then tightest there
     try:
-        train_schedule(trained, syn.X, syn.y, syn.schedule)
+        from .progress import phase
+
+        with phase(f"golden vectors: θ0 trained with the pack's schedule ({syn.schedule.epochs} epochs, one thread)"):
+            train_schedule(trained, syn.X, syn.y, syn.schedule)
     finally:
         torch.set_num_threads(threads)
     gidx = golden_indices(syn.hard_labels)
@@ -200,7 +236,7 @@ def pack(corpus, output, method: Optional[str] = None, ipc: int = 10, test_speak
         "created_ms": created_ms,
         "golden": f"logits of θ0 trained with the schedule on synthetic samples {gidx.tolist()}",
         "distill_stats": _jsonable(public_stats(syn.stats)), "distill_seconds": round(distill_seconds, 2),
-        "problems": len(problems), "privacy": privacy_claim(syn, cfg),
+        "problems": len(left_out), "privacy": privacy_claim(syn, cfg),
     }
     if provenance["privacy"]["real_clips"]:
         sys.stderr.write(f"edge-ser: WARNING: this pack holds real clips' features ({provenance['privacy']['init']}); "
@@ -219,6 +255,8 @@ def pack(corpus, output, method: Optional[str] = None, ipc: int = 10, test_speak
               "signed": info["signed"], "key_id": signing.key_id(private_key.public_key()),
               "real_clips": provenance["privacy"]["real_clips"],
               "distill_seconds": round(distill_seconds, 2), "seconds": round(time.perf_counter() - t0, 2)}
+    if left_out:
+        result["left_out"] = left_out
     if key_note:
         result["note"] = key_note
     return result

@@ -646,7 +646,9 @@ def inspect_pack(path, public_key=None) -> dict:
         "sequence": pack.sequence, "created": pack.created, "signature": sig_state,
         "classes": list(pack.classes), "synthetic": {"samples": int(len(pack.X)), "shape": list(pack.X.shape[1:]),
                                                      "per_class": counts, "soft_labels": bool(pack.y.ndim == 2),
-                                                     "stored_resolution": m.get("synthetic_resolution", "input")},
+                                                     "stored_resolution": m.get("synthetic_resolution", "input"),
+                                                     "stored_shape": list((m["members"].get("data/X.npy") or {})
+                                                                          .get("shape", [])[1:])},
         "model": pack.model_config.to_dict(), "theta0": {"tensors": len(pack.theta0), "values": n_params,
                                                           "sha256": pack.theta0_sha256},
         "schedule": pack.schedule.to_dict(), "features": pack.feature_config.to_dict(),
@@ -692,6 +694,9 @@ def format_inspect(info: dict) -> str:
         f"classes   {', '.join(info['classes'])}",
         f"synthetic {syn['samples']} x {syn['shape']} ({'soft' if syn['soft_labels'] else 'hard'} labels); "
         f"per class {syn['per_class']}",
+        *([f"          stored at stem resolution as data/X.npy {syn['stored_shape']}: normalised and pooled the way "
+           f"the model's stem sees {syn['shape']} (Mel bins x frames), expanded back when loaded"]
+          if syn.get("stored_resolution") == "stem" else []),
         f"model     {info['model']['arch']} channels {info['model']['channels']}  "
         f"θ0 {info['theta0']['values']:,} values sha256 {info['theta0']['sha256'][:16]}",
         "schedule  " + ", ".join(f"{k}={v}" for k, v in info["schedule"].items()),
@@ -706,6 +711,4 @@ def format_inspect(info: dict) -> str:
     lines.append("members")
     for name, e in info["members"].items():
         lines.append(f"  {name:<38} {e['bytes']:>10,}  {e['dtype']} {e['shape']}  {e['sha256']}")
-    if info.get("error"):
-        lines.append(f"ERROR     {info['error']}")
-    return "\n".join(lines)
+    return "\n".join(lines)   # an error (info["error"]) goes to stderr, from the CLI

@@ -47,7 +47,7 @@ def reinit_portaudio() -> None:
     product's deadline on PortAudio calls: a stuck PortAudio is an error here, not a hung test run)."""
     import sounddevice as sd
 
-    from edge_ser.stream import _bounded
+    from edge_ser.capture import _bounded
 
     def reinit():
         sd._terminate()

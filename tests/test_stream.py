@@ -14,7 +14,9 @@ import pytest
 import soundfile as sf
 
 from edge_ser.config import FeatureConfig
-from edge_ser.stream import RingBuffer, StreamingResampler, listen, offline_results, offline_results_array
+from edge_ser.audio import StreamingResampler
+from edge_ser.capture import RingBuffer
+from edge_ser.stream import listen, offline_results, offline_results_array
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -266,9 +268,22 @@ def test_cli_json_lines_and_summary_without_torch(linear_model, wav_44k_stereo):
     assert q.returncode == 0 and q.stdout.strip() == "False", q.stderr
 
 
-def test_cli_errors(linear_model, tmp_path):
+def test_cli_errors(linear_model, tmp_path, wav_44k_stereo):
     p = _cli(linear_model.path, "--file", tmp_path / "missing.wav")
     assert p.returncode == 1 and "missing.wav" in p.stderr and len(p.stderr.strip().splitlines()) == 1
+    assert "no such file; check the path" in p.stderr and "System error" not in p.stderr
+    p = _cli(linear_model.path, "--file", tmp_path)
+    assert p.returncode == 1 and "not a regular file" in p.stderr and len(p.stderr.strip().splitlines()) == 1
+    # a FLAC cut mid-file: libsndfile says only "Internal psf_fseek() failed."; the line says what happened
+    # and what to do
+    flac = tmp_path / "cut.flac"
+    data, rate = sf.read(wav_44k_stereo, dtype="int16")
+    sf.write(flac, data, rate, subtype="PCM_16")
+    flac.write_bytes(flac.read_bytes()[: flac.stat().st_size // 2])
+    p = _cli(linear_model.path, "--file", flac, "--window", "1")
+    err = [line for line in p.stderr.splitlines() if line.startswith("edge-ser: error:")]
+    assert p.returncode == 1 and len(err) == 1, p.stderr
+    assert "truncated or damaged" in err[0] and "copy it again or re-encode it" in err[0]
     p = _cli(linear_model.path, "--file", tmp_path / "missing.wav", "--mqtt-topic", "t")
     assert p.returncode == 1 and "--broker" in p.stderr
 
@@ -333,7 +348,7 @@ needs_virtual = pytest.mark.skipif(alsa_virtual.missing() is not None,
 @pytest.mark.audio
 @needs_virtual
 def test_virtual_device_is_listed_and_bad_names_are_explained(linear_model):
-    from edge_ser.stream import list_input_devices, resolve_device
+    from edge_ser.capture import list_input_devices, resolve_device
 
     with alsa_virtual.VirtualCapture(_int16(known_audio(44100)), rate=44100) as dev:
         names = [d["name"] for d in list_input_devices()]
@@ -415,7 +430,7 @@ def test_device_unplugged_mid_stream_reconnects_with_backoff(linear_model, capfd
 def test_bounded_call_returns_raises_or_times_out():
     import threading
 
-    from edge_ser.stream import DeviceWedged, _bounded
+    from edge_ser.capture import DeviceWedged, _bounded
 
     assert _bounded(lambda: 42, "answering", timeout=5) == 42
     with pytest.raises(ZeroDivisionError):
@@ -436,11 +451,12 @@ def test_portaudio_call_that_never_returns_is_a_clear_error_not_a_hang(linear_mo
     watchdog's time, and closing it must not hang either."""
     import threading
 
+    from edge_ser import capture
     from edge_ser import stream as st
 
-    monkeypatch.setattr(st, "PORTAUDIO_CALL_TIMEOUT", 1.0)
+    monkeypatch.setattr(capture, "PORTAUDIO_CALL_TIMEOUT", 1.0)
     with alsa_virtual.VirtualCapture(_int16(known_audio(44100)), rate=44100) as dev:
-        src = st.MicSource(dev.name)
+        src = capture.MicSource(dev.name)
         real = src.sd
 
         class StuckOnReenumerate:          # the real module, but Pa_Terminate never returns

@@ -1,0 +1,51 @@
+"""``edge-ser demo`` end to end, as a new user runs it (empty HOME): every step, the short summary, and with
+--json nothing on stdout but the result object. About 3 minutes on a 2-core machine: the slow tier."""
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+from test_faults import cli
+
+
+@pytest.mark.slow
+def test_demo_end_to_end(tmp_path):
+    from edge_ser.demo import format_demo_summary
+
+    work = tmp_path / "demo"
+    t0 = time.monotonic()
+    proc = cli("demo", "--workdir", work, "--json", env={"HOME": str(tmp_path / "home")}, timeout=1200)
+    took = time.monotonic() - t0
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out_lines = proc.stdout.strip().splitlines()
+    assert len(out_lines) == 1, proc.stdout[-3000:]           # --json: the object alone on stdout
+    d = json.loads(out_lines[-1])
+    assert d["ok"] is True and d["workdir"] == str(work)
+    # the steps announce themselves (on stderr under --json), the time first
+    assert "minutes" in proc.stderr.splitlines()[0]
+    for step in ("1/6", "2/6", "3/6", "4/6", "5/6", "6/6"):
+        assert step in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+    assert d["pack"]["method"] == "fixed-init" and d["pack"]["bytes"] > 0
+    assert d["train_local"]["golden"]["passed"] is True
+    assert {"onnx", "onnx-int8"} <= set(d["train_local"]["files"])
+    assert d["evaluate"]["n"] > 0 and 0.0 <= d["evaluate"]["uar"] <= 1.0
+    # the listen step strings several held-out utterances together: seconds of audio, many hops
+    li = d["listen"]
+    assert len(li["segments"]) >= 2 and li["segments"][-1]["end"] > 5.0
+    assert li["hops"] >= 6 and 0 <= li["agree"] <= len(li["emotions"]) <= li["hops"]
+    # every model file is readable by a device's service user, as the other files are
+    assert d["modes"] and set(d["modes"].values()) == {"0o644"}, d["modes"]
+    # memory: the demo process and the device process each stay under 1 GiB
+    assert d["peak_rss_mb"] < 1024 and d["train_local"]["peak_rss_mb"] < 1024
+    assert took < 15 * 60                      # 3 min on a busy 2-core box; a hang or a 40-min default is a failure
+
+    summary = format_demo_summary(d)
+    lines = summary.strip().splitlines()
+    assert len(lines) <= 15                    # a table, not the whole result
+    for row in ("pack", "device training", "golden check", "held-out UAR", "listen", "total"):
+        assert any(line.strip().startswith(row) for line in lines), row
+    assert "chance" in summary                 # each number says what it means
