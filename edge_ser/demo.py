@@ -5,7 +5,7 @@ train-local from the fixed initialisation (a separate process, as on a device) -
 evaluate on held-out speakers -> stream a few held-out utterances through the live path.
 
 It runs the product's default method (fixed-init) at a demo size: one short expert, two matching iterations
-and one device schedule instead of a grid (:data:`DEMO_PARAMS`), on one thread (two threads on a busy 2-core
+and one device schedule instead of a grid (:data:`DEMO_PRESET`), on one thread (two threads on a busy 2-core
 machine made each step four times slower). The demo corpus is synthetic: its numbers show the plumbing works,
 not how well SER works (see benchmarks/RESULTS.md for real corpora).
 """
@@ -22,15 +22,9 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional
 
-#: distillation iterations for the demo (the default is 40): enough to show trajectory matching at work
-DEMO_ITERATIONS = 2
-#: fixed-init settings at demo size (the defaults in brackets): 1 expert of 4 epochs (2 of 15), 1 unrolled
-#: step (4: each one's second-order graph costs ~300 MB here; at 2 the demo process peaked at 984 MiB), scoring
-#: at the start and the end only with 20-epoch runs (every 10 iterations, 150 epochs), and one device schedule,
-#: 40 epochs at step size 0.2, instead of choosing among 9 (lr 0.1/0.2/0.4 x 100/150/200 epochs)
-DEMO_PARAMS = {"experts": 1, "expert_epochs": 4, "max_start_epoch": 2, "syn_steps": 1, "eval_every": 100,
-               "eval_epochs": 20, "lr_factors": (), "lr_grid": (0.2,), "epoch_grid": (40,),
-               "select_train_max": 200}
+#: the demo's distillation: the default method at demo size (:func:`edge_ser.distill.preset`: one short expert,
+#: two matching iterations, one device schedule instead of a grid)
+DEMO_PRESET = "demo"
 #: what the demo takes (README "Two commands": 75 s of CPU time, 3.2 min wall on a shared, busy 2-core x86
 #: machine), said at the start
 DEMO_MINUTES = "2-3 minutes on a 2-core machine (3.2 min measured on a busy one)"
@@ -147,7 +141,7 @@ def _truth_at(segments: List[Dict], t0: float, t1: float) -> str:
     return label
 
 
-def run_demo(workdir=None, ipc: int = 10, quiet: bool = False, iterations: int = DEMO_ITERATIONS,
+def run_demo(workdir=None, ipc: int = 10, quiet: bool = False, iterations: Optional[int] = None,
              as_json: bool = False, params: Optional[Dict] = None) -> Dict:
     """Run the demo pipeline in ``workdir`` (default: a fresh temp folder) and return its numbers.
     Step messages go to stdout (stderr with ``as_json``; none when ``quiet``)."""
@@ -175,8 +169,12 @@ def run_demo(workdir=None, ipc: int = 10, quiet: bool = False, iterations: int =
     say.step("2/6 server: make a key pair, distil the corpus into a signed pack (fixed-init at demo size)")
     keys = keygen(str(work / "keys"), force=True)
     pack_path = work / "demo.pack"
-    packed = pack("demo", str(pack_path), ipc=ipc, key=keys["private_key"], iterations=iterations,
-                  progress=not quiet, params=dict(DEMO_PARAMS if params is None else params), threads=1)
+    from .distill import preset
+
+    size = preset(DEMO_PRESET)
+    packed = pack("demo", str(pack_path), ipc=ipc, key=keys["private_key"], method=size["method"],
+                  iterations=size["iterations"] if iterations is None else iterations, progress=not quiet,
+                  params=size["params"] if params is None else dict(params), threads=1)
     out["pack"] = {k: packed.get(k) for k in ("pack_id", "bytes", "corpus_bytes", "method", "ipc", "samples",
                                               "test_speakers", "distill_seconds")}
     say.took(f"{packed['bytes'] / 1024:.0f} KiB pack: {packed['samples']} log-Mel samples + θ0, "
