@@ -89,6 +89,8 @@ def privacy_claim(syn, cfg) -> dict:
 
     if syn.method in REAL_CLIP_METHODS:
         real, init = True, f"real clips, unchanged ({syn.method})"
+    elif syn.stats.get("init") == "mixture":
+        real, init = False, f"learned from mixtures of {syn.stats.get('mix_clips')} real clips each, one per speaker"
     elif cfg.init == "real":
         real, init = True, "learned from a start of real clips"
         if syn.stats.get("best_iteration") == 0:

@@ -64,9 +64,8 @@ def expert_soft_labels(X: np.ndarray, model_cfg: ModelConfig, states, temperatur
     return (z / z.sum(axis=1, keepdims=True)).astype(np.float32)
 
 
-def herding_init(train: FeatureSet, ipc: int, model_cfg: ModelConfig, states) -> np.ndarray:
-    """Indices of ``ipc`` clips per class chosen by herding in the experts' (mean) embedding space:
-    greedily, the clip that keeps the running mean of the chosen ones closest to the class mean."""
+def expert_embedding(train: FeatureSet, model_cfg: ModelConfig, states) -> np.ndarray:
+    """Every training clip's embedding, averaged over the experts' final states."""
     import torch
 
     from ..models import build_model, load_state_arrays
@@ -77,10 +76,13 @@ def herding_init(train: FeatureSet, ipc: int, model_cfg: ModelConfig, states) ->
             model = load_state_arrays(build_model(model_cfg, 0), s).eval()
             feats.append(np.concatenate([model.embed(torch.as_tensor(train.X[i: i + 64])).numpy()
                                          for i in range(0, len(train.X), 64)]))
-    F = np.mean(feats, axis=0)
+    return np.mean(feats, axis=0)
+
+
+def _herd(F: np.ndarray, y: np.ndarray, classes: int, ipc: int) -> np.ndarray:
     chosen = []
-    for c in range(train.num_classes):
-        idx = np.flatnonzero(train.y == c)
+    for c in range(classes):
+        idx = np.flatnonzero(y == c)
         f = F[idx]
         mu, total, picked = f.mean(0), np.zeros_like(f[0]), []
         for i in range(min(ipc, len(idx))):
@@ -92,6 +94,32 @@ def herding_init(train: FeatureSet, ipc: int, model_cfg: ModelConfig, states) ->
         picked += [picked[k % len(picked)] for k in range(ipc - len(picked))]
         chosen += idx[picked].tolist()
     return np.asarray(chosen)
+
+
+def herding_init(train: FeatureSet, ipc: int, model_cfg: ModelConfig, states) -> np.ndarray:
+    """Indices of ``ipc`` clips per class chosen by herding in the experts' (mean) embedding space:
+    greedily, the clip that keeps the running mean of the chosen ones closest to the class mean."""
+    return _herd(expert_embedding(train, model_cfg, states), train.y, train.num_classes, ipc)
+
+
+def mixture_init(train: FeatureSet, ipc: int, model_cfg: ModelConfig, states, clips: int) -> np.ndarray:
+    """``ipc`` samples per class that are no real clip: each the mean log-Mel of ``clips`` same-class clips, the
+    herding choice and its nearest neighbours in the experts' embedding, at most one clip per speaker (so no
+    speaker dominates a sample). Equal weights leave no clip closer to the sample than the others."""
+    F = expert_embedding(train, model_cfg, states)
+    out = []
+    for j in _herd(F, train.y, train.num_classes, ipc):
+        idx = np.flatnonzero(train.y == train.y[j])
+        order = idx[np.argsort(np.linalg.norm(F[idx] - F[j], axis=1))]
+        picked, seen = [], set()
+        for i in order:
+            if train.speakers[i] not in seen:
+                picked.append(i)
+                seen.add(train.speakers[i])
+            if len(picked) == clips:
+                break
+        out.append(train.X[picked].mean(axis=0))
+    return np.stack(out).astype(np.float32)
 
 
 def distill_fixed_init(train: FeatureSet, cfg: DistillConfig, model_cfg: ModelConfig,
@@ -133,6 +161,8 @@ def distill_fixed_init(train: FeatureSet, cfg: DistillConfig, model_cfg: ModelCo
     X0, y_hard = init_synthetic(train, cfg.ipc, cfg.init, cfg.seed)
     if cfg.init == "real" and s.init_select == "herding":
         X0 = train.X[herding_init(train, cfg.ipc, model_cfg, [t.state(t.epochs) for t in experts])]
+    elif cfg.init == "real" and s.init_select == "mixture":
+        X0 = mixture_init(train, cfg.ipc, model_cfg, [t.state(t.epochs) for t in experts], s.mix_clips)
     if s.teacher_labels:
         y0 = expert_soft_labels(X0, model_cfg, [t.state(t.epochs) for t in experts], s.temperature)
     else:
@@ -290,7 +320,9 @@ def distill_fixed_init(train: FeatureSet, cfg: DistillConfig, model_cfg: ModelCo
              "history": history, "best_iteration": best.get("iteration"), "val_uar": sel_uar, "select_on": s.select_on,
              "selection_clips": len(val) + (len(scored) if s.select_on == "val_train" else 0),
              "schedule_selection": table, "experts": [str(p) for p in paths], "workdir": str(wd),
-             "val_speakers": val.speaker_ids(), "init_labels": y_hard.tolist()}
+             "val_speakers": val.speaker_ids(), "init_labels": y_hard.tolist(),
+             "init": s.init_select if cfg.init == "real" else cfg.init,
+             "mix_clips": s.mix_clips if cfg.init == "real" and s.init_select == "mixture" else None}
     y_out = np.asarray(best["y"], np.float32)
     if not (s.teacher_labels or learn_labels):
         y_out = y_hard  # plain class labels: the synthetic set carries int labels

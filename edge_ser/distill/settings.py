@@ -134,7 +134,8 @@ class FixedInitSettings(MethodSettings):
     expert_optimizer: str = "sgd"       # "sgd": the optimiser the student and device use; "adam": the paper's recipe
     expert_lr: Optional[float] = None   # None: 0.3 for sgd, 1e-3 for adam (EXPERT_LR)
     # 2. the starting set
-    init_select: str = "herding"        # "herding" in the experts' embedding (steadier), or "random" real clips
+    init_select: str = "herding"        # "herding" (experts' embedding), "random" real clips, "mixture" (no real clip)
+    mix_clips: int = 8                  # "mixture": same-class clips (one per speaker) averaged into each sample
     teacher_labels: bool = False        # label clips with the experts' softened predictions instead of the class
     temperature: float = 2.0            # softening of teacher_labels
     # 3. trajectory matching
@@ -170,7 +171,7 @@ class FixedInitSettings(MethodSettings):
 
     def check(self) -> None:
         _choice(self, "expert_optimizer", ("sgd", "adam"))
-        _choice(self, "init_select", ("herding", "random"))
+        _choice(self, "init_select", ("herding", "random", "mixture"))
         _choice(self, "anchor", ("expert", "student"))
         _choice(self, "select_on", ("val", "val_train"))
         _choice(self, "decay", ("none", "cosine"))
