@@ -17,7 +17,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import edge_ser.pack as P
+import edge_ser.packfile as P
 from edge_ser import signing, transport
 from edge_ser.store import PackStore, StoreError
 from broker import Broker, free_port, requires_mosquitto
@@ -196,34 +196,42 @@ def test_replayed_older_version_and_tampered_pack_refused(tmp_path, home, broker
     agent = AgentThread(broker, tmp_path / "store", tls=False, public_key=home["public_key"])
     transport.publish(new, broker.url, "ser/packs", **broker.creds())
     agent.wait_for(lambda: PackStore(tmp_path / "store").current() is not None)
-    # an attacker replays the old (validly signed) pack with a *forged* high announcement sequence
+    # an attacker replays the old (validly signed) pack with a *forged* high announcement sequence:
+    # the announcement's signed manifest says 400, so it is junk before a byte is downloaded
     ann, chunks, a = announcement_and_chunks(old)
     forged = json.loads(ann[1])
     forged["sequence"] = 10 ** 15
+    junk_before = agent.agent.junk
     raw(broker, chunks + [("ser/packs/announce", json.dumps(forged).encode(), True)])
-    agent.wait_for(lambda: any(r.get("pack_id") == a["pack_id"] for r in agent.agent.results))
-    res = [r for r in agent.agent.results if r.get("pack_id") == a["pack_id"]][-1]
-    assert res["state"] == "refused" and "not newer" in res["error"]
-    # a tampered pack with consistent transfer hashes: the pack check refuses it
-    bad_bytes = bytearray(build(tmp_path, home, "newer.pack", 600).read_bytes())
-    bad_bytes[len(bad_bytes) // 2] ^= 0x40
-    tampered = tmp_path / "tampered.pack"
-    tampered.write_bytes(bytes(bad_bytes))
-    data = bytes(bad_bytes)
-    import hashlib
-
-    fake_id = hashlib.sha256(b"x").hexdigest()
-    ann2 = transport.make_announcement(data, fake_id, 600, 20_000)
-    raw(broker, [(f"ser/packs/chunks/{fake_id}/{i}", data[i * 20_000:(i + 1) * 20_000], True)
+    agent.wait_for(lambda: agent.agent.junk > junk_before)
+    assert agent.agent.transfer is None
+    # the honest replay (sequence 400 as signed) is refused as not newer, also before any download
+    raw(broker, [ann])
+    agent.wait_for(lambda: "not newer" in _status(broker))
+    assert agent.agent.transfer is None
+    # a tampered pack in transit with consistent transfer hashes: the pack check refuses it
+    newer = build(tmp_path, home, "newer.pack", 600)
+    bad = bytearray(newer.read_bytes())
+    bad[len(bad) // 2] ^= 0x40
+    pack_id = P.read_manifest(newer)[0]
+    ann2 = transport.make_announcement(bytes(bad), pack_id, 600, 20_000)
+    raw(broker, [(f"ser/packs/chunks/{pack_id}/{i}", bytes(bad[i * 20_000:(i + 1) * 20_000]), True)
                  for i in range(ann2["chunks"])] + [("ser/packs/announce", json.dumps(ann2).encode(), True)])
-    agent.wait_for(lambda: any(r.get("pack_id") == fake_id for r in agent.agent.results))
-    agent.close()
-    res = [r for r in agent.agent.results if r.get("pack_id") == fake_id][-1]
+    agent.wait_for(lambda: any(r.get("pack_id") == pack_id for r in agent.agent.results))
+    res = [r for r in agent.agent.results if r.get("pack_id") == pack_id][-1]
     assert res["state"] == "refused" and ("SHA-256" in res["error"] or "damaged" in res["error"]
                                           or "corrupt" in res["error"]), res
+    # ... and the genuine pack under the same id is not refused for it (refusals are keyed by content)
+    transport.publish(newer, broker.url, "ser/packs", **broker.creds())
+    agent.wait_for(lambda: (PackStore(tmp_path / "store").current() or {}).get("sequence") == 600)
+    agent.close()
     store = PackStore(tmp_path / "store")
-    assert store.current()["sequence"] == 500 and P.load_pack(store.current_path(), public_key=home["public_key"])
+    assert P.load_pack(store.current_path(), public_key=home["public_key"]).sequence == 600
     assert list(store.incoming.iterdir()) == []
+
+
+def _status(b, device="dev1") -> str:
+    return retained(b, f"ser/packs/status/{device}", wait=0.3).get(f"ser/packs/status/{device}", b"").decode()
 
 
 @requires_mosquitto

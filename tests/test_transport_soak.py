@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import edge_ser.pack as P
+import edge_ser.packfile as P
 from edge_ser import transport
 from edge_ser.store import PackStore
 from broker import requires_mosquitto
