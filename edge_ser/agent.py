@@ -64,7 +64,7 @@ class Agent:
     def __init__(self, broker, topic, store=None, public_key=None, username=None, password=None, cafile=None,
                  train=False, memory_budget_mb=None, threads=None, max_pack_bytes=DEFAULT_MAX_PACK_BYTES,
                  device=None, verbose=True, insecure=False, deployment=None, transfer_timeout=TRANSFER_TIMEOUT,
-                 stall_seconds=STALL_SECONDS):
+                 stall_seconds=STALL_SECONDS, tflite=True):
         from .packfile import ALLOW_UNSIGNED_ENV, _allow_unsigned_env, resolve_public_key
         from .signing import default_public_key
         from .store import PackStore
@@ -81,7 +81,7 @@ class Agent:
         # the signed deployment id a pack must carry: --deployment, else the topic prefix
         self.deployment_configured = deployment is not None
         self.deployment = str(deployment).strip().rstrip("/") if deployment is not None else self.topic
-        self.train, self.memory_budget_mb, self.threads = train, memory_budget_mb, threads
+        self.train, self.memory_budget_mb, self.threads, self.tflite = train, memory_budget_mb, threads, tflite
         self.max_pack_bytes = max_pack_bytes
         self.transfer_timeout, self.stall_seconds = float(transfer_timeout), float(stall_seconds)
         self.device = device or device_id()
@@ -388,7 +388,7 @@ class Agent:
             from .local import train_from_pack
 
             res = train_from_pack(pack, str(out), memory_budget_mb=self.memory_budget_mb, threads=self.threads,
-                                  export=True, progress=False)
+                                  export=True, progress=False, tflite=self.tflite)
         except Exception as exc:
             msg = _one_line(exc)
             self.status("train-failed", error=msg)

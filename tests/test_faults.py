@@ -464,8 +464,8 @@ def test_disk_full_in_the_agent_keeps_the_previous_pack(tmp_path, home, broker):
     store_dir = tmp_path / "store"
     PackStore(store_dir).commit(old, read_manifest(old)[0], 10, move=False)
     transport.publish(new, broker.url, "ser/packs", **broker.creds())
-    proc = cli("agent", "--broker", broker.url, "--topic", "ser/packs", "--username", broker.username,
-               "--password", broker.password, "--store", store_dir, "--public-key", home["public_key"],
+    proc = cli("agent", "--broker", broker.url, "--topic", "ser/packs", "--username", "faultdev",
+               "--password", broker.passwords["faultdev"], "--store", store_dir, "--public-key", home["public_key"],
                "--once", "--timeout", "20", preexec_fn=_limit_file_size(256 * 1024), timeout=90)
     line = one_error_line(proc)
     assert "File too large" in line or "No space" in line or "disk" in line.lower(), line
@@ -567,7 +567,7 @@ def test_lean_cli_restarts_itself_with_huge_pages_and_trains_the_same(tmp_path, 
 # ================================================================ MQTT
 
 def _agent_args(b, store, public_key, url=None, **over):
-    args = {"--broker": url or b.url, "--topic": "ser/packs", "--username": b.username, "--password": b.password,
+    args = {"--broker": url or b.url, "--topic": "ser/packs", "--username": "faultdev", "--password": b.passwords["faultdev"],
             "--store": store, "--public-key": public_key, "--timeout": "15"}
     args.update(over)
     return [x for k, v in args.items() if v is not None for x in (k, v)]
@@ -622,7 +622,7 @@ def test_agent_started_before_the_broker_retries_then_receives(tmp_path, home):
     p, = _packs(tmp_path, home, 30)
     result = {}
     agent = transport.Agent(b.url, "ser/packs", store=tmp_path / "store", public_key=home["public_key"],
-                            verbose=False, **b.creds())
+                            verbose=False, **b.device("faultdev"))
     t = threading.Thread(target=lambda: result.update(agent.run(once=True, timeout=40)), daemon=True)
     t.start()
     try:
@@ -670,7 +670,7 @@ def test_junk_flood_during_delivery_agent_stores_pack_with_bounded_memory(tmp_pa
         sent = [0]
 
         def flood():
-            conn = transport._Connection(broker.url, f"junk-{os.getpid()}", **broker.creds())
+            conn = transport._Connection(broker.url, f"junk-{os.getpid()}", **broker.user("edge-ser-flooder"))
             conn.open(10)
             try:
                 for i in range(4000):
@@ -728,7 +728,7 @@ def _status(b, device="faultdev") -> str:
     from edge_ser import transport
 
     got = {}
-    conn = transport._Connection(b.url, f"peek-{time.monotonic_ns()}", **b.creds(),
+    conn = transport._Connection(b.url, f"peek-{time.monotonic_ns()}", **b.user("edge-ser-monitor"),
                                  on_message=lambda c, u, m: got.__setitem__(m.topic, bytes(m.payload)))
     conn.open(10)
     try:

@@ -77,7 +77,7 @@ def test_agent_process_soaks_200_versions_with_broker_restarts(tmp_path, monkeyp
     log = open(tmp_path / "agent.log", "w+")
     env = dict(os.environ, PYTHONPATH=str(REPO), EDGE_SER_DEVICE_ID="soak")
     agent = subprocess.Popen([sys.executable, "-m", "edge_ser", "agent", "--broker", broker.url, "--topic", "ser/packs",
-                              "--username", broker.username, "--password", broker.password, "--store", str(store_dir),
+                              "--username", "soak", "--password", broker.passwords["soak"], "--store", str(store_dir),
                               "--public-key", keys["public_key"], "--timeout", "30"],
                              cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=log)
 

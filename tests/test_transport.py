@@ -53,7 +53,7 @@ class AgentThread:
 
     def __init__(self, b: Broker, store, tls=True, once=False, timeout=30, **kw):
         url = b.tls_url if tls else b.url
-        self.agent = transport.Agent(url, "ser/packs", store=store, verbose=False, **b.creds(tls), **kw)
+        self.agent = transport.Agent(url, "ser/packs", store=store, verbose=False, **b.device("dev1", tls), **kw)
         self.stop = threading.Event()
         self.result, self.error = None, None
         self.thread = threading.Thread(target=self._run, args=(once, timeout), daemon=True)
@@ -100,7 +100,7 @@ def announcement_and_chunks(path: Path, chunk_size=20_000):
 
 def retained(b: Broker, pattern: str, wait=1.0) -> dict:
     got = {}
-    conn = transport._Connection(b.url, f"peek-{time.monotonic_ns()}", **b.creds(),
+    conn = transport._Connection(b.url, f"peek-{time.monotonic_ns()}", **b.user("edge-ser-monitor"),
                                  on_message=lambda c, u, m: got.__setitem__(m.topic, bytes(m.payload)))
     conn.open(10)
     conn.client.subscribe(pattern, qos=1)
@@ -133,13 +133,14 @@ def test_server_broker_device_tls_password(tmp_path, home, broker):
 def test_cli_publish_and_agent_subprocess(tmp_path, home, broker):
     """The two commands a user types, as separate processes, over mqtts:// with a password."""
     pack = build(tmp_path, home, "v1.pack", 5)
-    env = dict(os.environ, PYTHONPATH=str(REPO), EDGE_SER_MQTT_PASSWORD=broker.password)
-    common = ["--broker", broker.tls_url, "--topic", "ser/packs", "--username", broker.username,
-              "--cafile", broker.cafile, "--json", "--timeout", "30"]
+    env = dict(os.environ, PYTHONPATH=str(REPO), EDGE_SER_MQTT_CAFILE=broker.cafile)
+    common = ["--broker", broker.tls_url, "--topic", "ser/packs", "--json", "--timeout", "30"]
     agent = subprocess.Popen([sys.executable, "-m", "edge_ser", "agent", "--once", "--store", str(tmp_path / "s"),
-                              "--public-key", home["public_key"]] + common, env=env, stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True)
-    pub = subprocess.run([sys.executable, "-m", "edge_ser", "publish", str(pack)] + common, env=env,
+                              "--public-key", home["public_key"]] + common,
+                             env=dict(env, EDGE_SER_MQTT_USERNAME="dev1", EDGE_SER_MQTT_PASSWORD=broker.passwords["dev1"]),
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    pub = subprocess.run([sys.executable, "-m", "edge_ser", "publish", str(pack)] + common,
+                         env=dict(env, EDGE_SER_MQTT_USERNAME=broker.username, EDGE_SER_MQTT_PASSWORD=broker.password),
                          capture_output=True, text=True, timeout=60)
     assert pub.returncode == 0, pub.stderr
     out, err = agent.communicate(timeout=60)
@@ -160,10 +161,10 @@ def test_late_joiner_gets_newest_and_old_chunks_cleared(tmp_path, home, broker):
     with pytest.raises(ValueError, match="already announces pack sequence 200"):
         transport.publish(v1, broker.tls_url, "ser/packs", **creds)
     res = transport.Agent(broker.tls_url, "ser/packs", store=tmp_path / "late", public_key=home["public_key"],
-                          verbose=False, **creds).run(once=True, timeout=20)
+                          verbose=False, **broker.device("dev1", True)).run(once=True, timeout=20)
     assert res["state"] == "stored" and res["pack_id"] == p2["pack_id"] and res["sequence"] == 200
     again = transport.Agent(broker.tls_url, "ser/packs", store=tmp_path / "late", public_key=home["public_key"],
-                            verbose=False, **creds).run(once=True, timeout=20)
+                            verbose=False, **broker.device("dev1", True)).run(once=True, timeout=20)
     assert again["state"] == "up-to-date"
 
 
@@ -272,10 +273,10 @@ def test_junk_flood_does_not_stop_delivery(tmp_path, home, broker):
 def test_wrong_credentials_wrong_ca_broker_down(tmp_path, home, broker):
     pack = build(tmp_path, home, "v1.pack", 1)
     with pytest.raises(transport.TransportError, match="refused the connection.*(authori|password)"):
-        transport.publish(pack, broker.url, "ser/packs", username="edge", password="wrong", timeout=10)
+        transport.publish(pack, broker.url, "ser/packs", username=broker.username, password="wrong", timeout=10)
     other_ca = str(__import__("broker").make_ca(tmp_path / "otherca"))
     with pytest.raises(transport.TransportError, match="not trusted"):
-        transport.publish(pack, broker.tls_url, "ser/packs", username="edge", password=broker.password,
+        transport.publish(pack, broker.tls_url, "ser/packs", username=broker.username, password=broker.password,
                           cafile=other_ca, timeout=10)
     with pytest.raises(transport.TransportError, match="cannot reach MQTT broker"):
         transport.publish(pack, f"mqtt://127.0.0.1:{free_port()}", "ser/packs", timeout=2)
@@ -391,7 +392,7 @@ def test_agent_sigkilled_mid_transfer_then_recovers(tmp_path, home, broker):
     PackStore(store_dir).commit(v1, P.read_manifest(v1)[0], 100, move=False)
     env = dict(os.environ, PYTHONPATH=str(REPO))
     cmd = [sys.executable, "-m", "edge_ser", "agent", "--broker", broker.url, "--topic", "ser/packs",
-           "--username", broker.username, "--password", broker.password, "--store", str(store_dir),
+           "--username", "dev1", "--password", broker.passwords["dev1"], "--store", str(store_dir),
            "--public-key", home["public_key"], "--timeout", "30"]
     agent = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
@@ -407,7 +408,7 @@ def test_agent_sigkilled_mid_transfer_then_recovers(tmp_path, home, broker):
     assert store.current()["sequence"] in (100, 200)
     assert P.load_pack(store.current_path(), public_key=home["public_key"]).sequence == store.current()["sequence"]
     res = transport.Agent(broker.url, "ser/packs", store=store_dir, public_key=home["public_key"], verbose=False,
-                          **broker.creds()).run(once=True, timeout=20)
+                          **broker.device("dev1")).run(once=True, timeout=20)
     assert res["state"] in ("stored", "up-to-date") and PackStore(store_dir).current()["sequence"] == 200
     assert list(PackStore(store_dir).incoming.iterdir()) == []
 
