@@ -223,8 +223,9 @@ class Reassembler:
 
 # ---------------------------------------------------------------- server side
 
-def _verified_sequence(old: dict, public_key) -> Optional[int]:
-    """The sequence of a retained announcement if its manifest is signed by ``public_key``, else None."""
+def _verified_sequence(old: dict, public_key, topic: str) -> Optional[int]:
+    """The sequence of a retained announcement if its manifest is signed by ``public_key`` (and is not for
+    another deployment), else None."""
     from .packfile import PackError, verify_manifest
 
     if public_key is None or old.get("manifest") is None:
@@ -233,6 +234,9 @@ def _verified_sequence(old: dict, public_key) -> Optional[int]:
         manifest, signed, _ = verify_manifest(old["manifest"], old.get("signature"), "retained announcement",
                                               public_key=public_key, require_signature=True)
     except (PackError, ValueError, OSError):
+        return None
+    dep = manifest.get("deployment")
+    if isinstance(dep, dict) and dep.get("id") != topic.strip().rstrip("/"):
         return None
     return int(manifest["sequence"]) if signed and manifest["sequence"] == old["sequence"] else None
 
@@ -303,10 +307,10 @@ def publish(pack, broker: str, topic: str, username=None, password=None, cafile=
         if junk:
             notes.append(f"replaced a junk retained announcement ({junk[-1]})")
         elif old and old.get("pack_id") != pack_id:
-            verified = _verified_sequence(old, _publisher_key(public_key))
+            verified = _verified_sequence(old, _publisher_key(public_key), topic)
             if verified is None:
-                notes.append(f"the retained announcement (sequence {old['sequence']}) is not signed by our key; "
-                             "replaced")
+                notes.append(f"the retained announcement (sequence {old['sequence']}) is not signed by our key "
+                             "for this topic; replaced")
             elif verified >= ann["sequence"]:
                 raise ValueError(f"the broker already announces pack sequence {verified} "
                                  f">= this pack's {ann['sequence']}; devices would refuse it")
