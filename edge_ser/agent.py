@@ -96,7 +96,7 @@ class Agent:
         self.transfer: Optional[Reassembler] = None
         self._resubscribed = 0.0
         self.pending: "OrderedDict[str, dict]" = OrderedDict()
-        self.refused: "OrderedDict[str, float]" = OrderedDict()      # content sha256 -> expiry (monotonic)
+        self.refused: "OrderedDict[str, float]" = OrderedDict()      # transfer key / "file:"sha256 -> expiry
         self._said_refused: "OrderedDict[str, bool]" = OrderedDict()  # pack ids whose refusal is already on status
         self.results = []
         cur = self.store.current() or {}
@@ -259,11 +259,11 @@ class Agent:
             if self.train and not self.model_is_current():
                 return self._resume_training()
             return {"ok": True, "state": "up-to-date", "pack_id": a["pack_id"], "sequence": cur.get("sequence")}
-        if self.is_refused(a["sha256"]):
+        if self.is_refused(a["key"]) or self.is_refused("file:" + a["sha256"]):
             return None
-        if self.transfer is not None and self.transfer.key == a["sha256"]:
-            return None            # the same content again
-        if a["sha256"] in self.pending:
+        if self.transfer is not None and self.transfer.key == a["key"]:
+            return None            # the same transfer again
+        if a["key"] in self.pending:
             return None
         if not self._check_announcement(a):
             return None
@@ -289,14 +289,14 @@ class Agent:
             self._keep_pending(a)
 
     def _keep_pending(self, a: dict) -> None:
-        self.pending.pop(a["sha256"], None)
-        self.pending[a["sha256"]] = a
+        self.pending.pop(a["key"], None)
+        self.pending[a["key"]] = a
         while len(self.pending) > MAX_PENDING:
             self.pending.popitem(last=False)
 
     def _start(self, a: dict) -> None:
-        self.pending.pop(a["sha256"], None)
-        self.transfer = Reassembler(a, self.store.incoming / f"{a['sha256'][:16]}.part")
+        self.pending.pop(a["key"], None)
+        self.transfer = Reassembler(a, self.store.incoming / f"{a['key'][:16]}.part")
         self._resubscribed = time.monotonic()
         self.status("receiving", incoming=a["pack_id"], incoming_sequence=a["sequence"], chunks=a["chunks"])
         self.conn.client.subscribe(f"{self.t['chunks']}/{a['pack_id']}/+", qos=1)
@@ -306,8 +306,9 @@ class Agent:
         floor = self.store.max_sequence()
         cur = (self.store.current() or {}).get("pack_id")
         live = [a for k, a in self.pending.items()
-                if a["sequence"] > floor and a["pack_id"] != cur and not self.is_refused(k)]
-        self.pending = OrderedDict((a["sha256"], a) for a in live)
+                if a["sequence"] > floor and a["pack_id"] != cur and not self.is_refused(k)
+                and not self.is_refused("file:" + a["sha256"])]
+        self.pending = OrderedDict((a["key"], a) for a in live)
         if live and self.transfer is None:
             best = max(enumerate(live), key=lambda ia: (ia[1]["sequence"], ia[0]))[1]
             self._start(best)
@@ -326,8 +327,10 @@ class Agent:
         r, a = self.transfer, self.transfer.a
         self.conn.client.unsubscribe(f"{self.t['chunks']}/{a['pack_id']}/+")
         self.transfer = None
+        whole = False
         try:
             path = r.finish()
+            whole = True            # the bytes are exactly the announced file: judging them judges that file
             pack = load_pack(path, public_key=self.key)
             if pack.pack_id != a["pack_id"]:
                 raise ValueError("pack id differs from the announcement")
@@ -337,7 +340,9 @@ class Agent:
             stored = self.store.commit(path, pack.pack_id, pack.sequence)
         except Exception as exc:
             r.abort()
-            self._refuse(a["sha256"])
+            self._refuse(r.key)
+            if whole:
+                self._refuse("file:" + a["sha256"])  # these bytes are bad however they are chunked
             msg = _one_line(exc)
             self.status("refused", error=msg, refused_pack=a["pack_id"])
             self._next()

@@ -142,7 +142,16 @@ def _parse_announcement(payload: bytes, max_pack_bytes: int) -> dict:
             raise ValueError(f"announced {key} is not base64") from None
     if out["manifest"] is not None and hashlib.sha256(out["manifest"]).hexdigest() != out["pack_id"]:
         raise ValueError("announced manifest does not hash to the pack id")
+    out["key"] = transfer_key(out)
     return out
+
+
+def transfer_key(a: dict) -> str:
+    """What a transfer is keyed by: every unsigned field that steers it (file hash, size, chunking and
+    chunk hashes), so junk that copies some of them never shadows the genuine announcement."""
+    h = hashlib.sha256(f"{a['sha256']}|{a['size']}|{a['chunk_size']}|".encode())
+    h.update(",".join(a["chunk_sha256"]).encode())
+    return h.hexdigest()
 
 
 def chunk_index(text: str) -> Optional[int]:
@@ -170,7 +179,7 @@ class Reassembler:
     @property
     def key(self) -> str:
         """What this transfer is keyed by: the announced content, not the (copyable) pack id."""
-        return self.a["sha256"]
+        return self.a.get("key") or transfer_key(self.a)
 
     @property
     def complete(self) -> bool:
