@@ -93,6 +93,7 @@ class Agent:
         self.dropped = 0
         self.junk = 0
         self.errors = 0
+        self.last_error: Optional[str] = None
         self.transfer: Optional[Reassembler] = None
         self._resubscribed = 0.0
         self.pending: "OrderedDict[str, dict]" = OrderedDict()
@@ -164,6 +165,11 @@ class Agent:
         whatever a message does to the handler is counted and logged, and the loop goes on."""
         try:
             return self._handle(topic, payload)
+        except OSError as exc:     # the device's own trouble (disk full, ...): said once, the agent goes on
+            self.errors += 1
+            self.last_error = _one_line(exc, 200)
+            self.status("error", error=self.last_error)
+            return None
         except Exception as exc:   # noqa: BLE001  (a hostile payload must not end the agent)
             self.errors += 1
             self._junk(f"ignored message on {str(topic)[:80]}: {type(exc).__name__}: {_one_line(exc, 160)}")
@@ -455,8 +461,9 @@ class Agent:
             while not stop.is_set():
                 if once and time.monotonic() > deadline:
                     cur = self.store.current() or {}
+                    last = f"; last error: {self.last_error}" if self.last_error else ""
                     raise TransportError(f"no new pack arrived within {timeout:.0f}s "
-                                         f"(current: {cur.get('pack_id', 'none')})")
+                                         f"(current: {cur.get('pack_id', 'none')}){last}")
                 try:
                     kind, topic, payload = self.queue.get(timeout=0.5)
                     with self._qlock:

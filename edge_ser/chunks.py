@@ -106,11 +106,16 @@ def parse_announcement(payload: bytes, max_pack_bytes: int = DEFAULT_MAX_PACK_BY
 def _parse_announcement(payload: bytes, max_pack_bytes: int) -> dict:
     if len(payload) > MAX_ANNOUNCE_BYTES:
         raise ValueError(f"announcement of {len(payload)} bytes is too large")
-    if json_depth(payload) > MAX_JSON_DEPTH:
+    try:
+        text = payload.decode("utf-8")            # random bytes stop here, cheaply
+    except UnicodeDecodeError:
+        raise ValueError("announcement is not JSON") from None
+    # a genuine announcement has 2 brackets; only a payload with many is scanned for its nesting depth
+    if payload.count(b"[") + payload.count(b"{") > MAX_JSON_DEPTH and json_depth(payload) > MAX_JSON_DEPTH:
         raise ValueError(f"announcement nests deeper than {MAX_JSON_DEPTH} levels")
     try:
-        a = json.loads(payload.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError):      # includes ints over Python's 4300-digit limit
+        a = json.loads(text)
+    except ValueError:                            # includes ints over Python's 4300-digit limit
         raise ValueError("announcement is not JSON") from None
     if not isinstance(a, dict) or a.get("type") != ANNOUNCE_TYPE:
         raise ValueError("not an edge-ser pack announcement")
