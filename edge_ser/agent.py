@@ -97,6 +97,7 @@ class Agent:
         self.transfer: Optional[Reassembler] = None
         self._resubscribed = 0.0
         self.pending: "OrderedDict[str, dict]" = OrderedDict()
+        self._tried: dict = {}                                        # transfer key -> when it last started
         self.refused: "OrderedDict[str, float]" = OrderedDict()      # transfer key / "file:"sha256 -> expiry
         self._said_refused: "OrderedDict[str, bool]" = OrderedDict()  # pack ids whose refusal is already on status
         self.results = []
@@ -302,6 +303,7 @@ class Agent:
 
     def _start(self, a: dict) -> None:
         self.pending.pop(a["key"], None)
+        self._tried[a["key"]] = time.monotonic()
         self.transfer = Reassembler(a, self.store.incoming / f"{a['key'][:16]}.part")
         self._resubscribed = time.monotonic()
         self.status("receiving", incoming=a["pack_id"], incoming_sequence=a["sequence"], chunks=a["chunks"])
@@ -315,8 +317,13 @@ class Agent:
                 if a["sequence"] > floor and a["pack_id"] != cur and not self.is_refused(k)
                 and not self.is_refused("file:" + a["sha256"])]
         self.pending = OrderedDict((a["key"], a) for a in live)
+        running = self.transfer.key if self.transfer is not None else None
+        for k in [k for k in self._tried if k not in self.pending and k != running]:
+            del self._tried[k]
         if live and self.transfer is None:
-            best = max(enumerate(live), key=lambda ia: (ia[1]["sequence"], ia[0]))[1]
+            # newest sequence first; among equals the one tried least recently (never tried: first), so a
+            # stuck junk candidate and the genuine one take turns instead of the junk winning every time
+            best = max(enumerate(live), key=lambda ia: (ia[1]["sequence"], -self._tried.get(ia[1]["key"], 0.0), ia[0]))[1]
             self._start(best)
 
     def _drop_transfer(self) -> None:
