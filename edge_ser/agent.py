@@ -145,6 +145,7 @@ class Agent:
         trained = st.get("trained") or {}
         body = {"device": self.device, "state": state, "pack_id": cur.get("pack_id"), "sequence": cur.get("sequence"),
                 "model_pack_id": trained.get("pack_id"), "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        extra = {k: v for k, v in extra.items() if v is not None}
         body.update(extra)
         if self.verbose:
             _log(f"{state} " + " ".join(f"{k}={v}" for k, v in extra.items()))
