@@ -454,7 +454,8 @@ def test_a_device_cannot_take_over_another_devices_session(tmp_path, home, broke
     agent.conn.open(10)
     try:
         agent.conn.disconnected.clear()
-        thief = transport.Client(broker.url, "dev1", **broker.device("dev2"))   # dev1's client id, dev2's password
+        stolen = agent.conn.client._client_id.decode()          # the id the agent asked for (visible on the LAN)
+        thief = transport.Client(broker.url, stolen, **broker.device("dev2"))   # dev1's client id, dev2's password
         thief.open(10)
         time.sleep(1.5)
         thief.close()
