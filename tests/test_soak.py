@@ -134,7 +134,7 @@ def test_agent_process_soaks_200_versions_with_broker_restarts(tmp_path, monkeyp
     assert cur["sequence"] == 1000 + VERSIONS - 1 and prev and prev["sequence"] < cur["sequence"]
     assert load_pack(store.current_path(), public_key=keys["public_key"]).sequence == cur["sequence"]
     assert load_pack(store.packs / prev["file"], public_key=keys["public_key"]).sequence == prev["sequence"]
-    assert store_tree(store_dir) == sorted(["current.pack", "incoming", "packs", "state.json",
+    assert store_tree(store_dir) == sorted(["current.pack", "incoming", "packs", "state.json", "state.backup.json",
                                             f"packs/{cur['file']}", f"packs/{prev['file']}"]), store_tree(store_dir)
     assert os.readlink(store_dir / "current.pack") == f"packs/{cur['file']}"
 
