@@ -280,7 +280,7 @@ def publish(pack, broker: str, topic: str, username=None, password=None, cafile=
 
     >>> publish("demo.pack", "mqtt://127.0.0.1:1883", "ser/packs")["chunks"]    # doctest: +SKIP
     """
-    from .packfile import check_deployment, read_manifest
+    from .packfile import read_manifest
 
     if not 1 <= int(chunk_size) <= MAX_CHUNK:
         raise ValueError(f"--chunk-size must be 1..{MAX_CHUNK} bytes, got {chunk_size}")
@@ -290,7 +290,8 @@ def publish(pack, broker: str, topic: str, username=None, password=None, cafile=
     pack_id, manifest = read_manifest(pack)   # a corrupt file never leaves the server
     dep = manifest.get("deployment")
     if isinstance(dep, dict) and dep.get("id") != topic.strip().rstrip("/"):
-        check_deployment(manifest, topic, str(pack))   # one clear line: devices on this topic would refuse it
+        raise ValueError(f"{pack} is signed for deployment {str(dep.get('id'))[:80]!r} but would be published on "
+                         f"topic {topic!r}: devices there refuse it (rebuild with --deployment {topic})")
     data = Path(pack).read_bytes()
     man_bytes, sig_bytes = _manifest_members(data)
     signed = sig_bytes is not None
