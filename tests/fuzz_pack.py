@@ -43,7 +43,7 @@ def main() -> None:
     import atheris
 
     with atheris.instrument_imports():
-        import edge_ser.pack as P
+        import edge_ser.packfile as P
 
     def one_input(data: bytes) -> None:
         try:
