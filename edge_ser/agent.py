@@ -98,6 +98,7 @@ class Agent:
         self._resubscribed = 0.0
         self.pending: "OrderedDict[str, dict]" = OrderedDict()
         self._tried: dict = {}                                        # transfer key -> when it last started
+        self._verified: "OrderedDict[tuple, tuple]" = OrderedDict()   # (pack id, signature) -> (manifest, signed)
         self.refused: "OrderedDict[str, float]" = OrderedDict()      # transfer key / "file:"sha256 -> expiry
         self._said_refused: "OrderedDict[str, bool]" = OrderedDict()  # pack ids whose refusal is already on status
         self.results = []
@@ -227,9 +228,16 @@ class Agent:
                 return False
             manifest, signed = None, False          # unsigned packs allowed and no key: a bare hint
         else:
+            cache = (a["pack_id"], a["signature"])        # replays of one announcement are verified once
             try:
-                manifest, signed, _ = verify_manifest(a["manifest"], a["signature"], f"announced pack {a['pack_id'][:16]}",
-                                                      public_key=self.key)
+                if cache in self._verified:
+                    manifest, signed = self._verified[cache]
+                else:
+                    manifest, signed, _ = verify_manifest(a["manifest"], a["signature"],
+                                                          f"announced pack {a['pack_id'][:16]}", public_key=self.key)
+                    self._verified[cache] = (manifest, signed)
+                    while len(self._verified) > 32:
+                        self._verified.popitem(last=False)
             except (PackError, ValueError, OSError) as exc:
                 self._junk(f"ignored announcement: {_one_line(exc, 200)}")
                 return False
