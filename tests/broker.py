@@ -97,12 +97,16 @@ def shipped_config(port: int, tls_port: int, folder: Path, pwfile: Path, aclfile
 
 
 class Broker:
-    """mosquitto running the shipped ``server/mosquitto.conf`` and ``server/edge-ser.acl`` (paths and ports
-    replaced): no anonymous clients, a password per user, client id = username, plain listener on
-    loopback and a TLS listener, persistence on. Users: the publisher (``username``), the monitor, the
-    devices in :data:`DEVICES`, and a test-only second publisher (:data:`FLOODER`, appended to the ACL)."""
+    """mosquitto on 127.0.0.1 with a plain and a TLS listener, persistence on, no anonymous clients, a
+    password per user: the publisher (``username``), the monitor, the devices in :data:`DEVICES`, and a
+    test-only second publisher (:data:`FLOODER`).
 
-    def __init__(self, folder, username: str = PUBLISHER, password: str = "s3cret-pass"):
+    ``shipped=True`` (every pack-delivery test): the shipped ``server/mosquitto.conf`` and
+    ``server/edge-ser.acl`` with only paths and ports replaced (ACL per user, client id = username; FLOODER
+    is appended to the ACL). ``shipped=False``: no ACL, any client id (other uses such as ``listen
+    --broker``'s result topic, which the pack ACL does not cover)."""
+
+    def __init__(self, folder, username: str = PUBLISHER, password: str = "s3cret-pass", shipped: bool = False):
         if MOSQUITTO is None:
             pytest.skip("mosquitto not installed")
         self.dir = Path(folder)
@@ -121,7 +125,26 @@ class Broker:
         self.acl = self.dir / "edge-ser.acl"
         self.acl.write_text(f"user {FLOODER}\ntopic readwrite ser/packs/#\n\n" + SHIPPED_ACL.read_text())
         self.conf = self.dir / "mosquitto.conf"
-        self.conf.write_text(shipped_config(self.port, self.tls_port, self.dir, self.pwfile, self.acl))
+        if shipped:
+            self.conf.write_text(shipped_config(self.port, self.tls_port, self.dir, self.pwfile, self.acl))
+        else:
+            self.conf.write_text(f"""\
+user root
+per_listener_settings false
+allow_anonymous false
+password_file {self.pwfile}
+persistence true
+persistence_location {self.dir / 'data'}/
+autosave_interval 1
+log_dest file {self.dir / 'mosquitto.log'}
+message_size_limit 131072
+max_queued_messages 10000
+listener {self.port} 127.0.0.1
+listener {self.tls_port} 127.0.0.1
+cafile {self.dir / 'tls' / 'ca.crt'}
+certfile {self.dir / 'tls' / 'server.crt'}
+keyfile {self.dir / 'tls' / 'server.key'}
+""")
         self.proc = None
 
     def device(self, name: str = "dev1", tls: bool = False) -> dict:

@@ -50,7 +50,7 @@ def home(tmp_path, monkeypatch):
 def broker(tmp_path):
     from broker import Broker
 
-    b = Broker(tmp_path / "broker")
+    b = Broker(tmp_path / "broker", shipped=True)
     b.start()
     yield b
     b.stop()
@@ -618,7 +618,7 @@ def test_agent_started_before_the_broker_retries_then_receives(tmp_path, home):
     from edge_ser.packfile import read_manifest
     from edge_ser.store import PackStore
 
-    b = Broker(tmp_path / "late-broker")
+    b = Broker(tmp_path / "late-broker", shipped=True)
     p, = _packs(tmp_path, home, 30)
     result = {}
     agent = transport.Agent(b.url, "ser/packs", store=tmp_path / "store", public_key=home["public_key"],

@@ -72,7 +72,7 @@ def test_agent_process_soaks_200_versions_with_broker_restarts(tmp_path, monkeyp
     rng = np.random.default_rng(8)
     restart_at = set(rng.choice(np.arange(10, VERSIONS - 5), size=RESTARTS, replace=False).tolist())
 
-    broker = Broker(tmp_path / "broker").start()
+    broker = Broker(tmp_path / "broker", shipped=True).start()
     store_dir = tmp_path / "store"
     log = open(tmp_path / "agent.log", "w+")
     env = dict(os.environ, PYTHONPATH=str(REPO), EDGE_SER_DEVICE_ID="soak")

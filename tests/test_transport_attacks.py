@@ -42,7 +42,7 @@ def home(tmp_path, monkeypatch):
 
 @pytest.fixture
 def broker(tmp_path):
-    b = Broker(tmp_path / "broker")
+    b = Broker(tmp_path / "broker", shipped=True)
     b.start()
     yield b
     b.stop()
