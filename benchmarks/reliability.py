@@ -145,7 +145,8 @@ FAULTS: List[Tuple[str, str, str, List[str]]] = [
     # issue 18: what an attacker with write access to the pack topics (or a crash) could do
     ('attacks', 'deeply nested JSON announcement, retained (crash-looped the agent, killed `edge-ser publish`)',
      'junk: counted, one log line; agent stays up on the previous pack; `publish` replaces it with a note; the next good pack is stored within seconds (param nested-json)',
-     ['test_transport_attacks.py::test_wire_attack_agent_survives_and_takes_the_next_pack', 'test_transport_attacks.py::test_publisher_survives_and_replaces_a_junk_retained_announcement']),
+     ['test_transport_attacks.py::test_wire_attack_agent_survives_and_takes_the_next_pack', 'test_transport_attacks.py::test_publisher_survives_and_replaces_a_junk_retained_announcement',
+      'test_transport_attacks.py::test_handler_survives_each_nasty_payload', 'test_transport_attacks.py::test_property_handler_never_raises']),
     ('attacks', 'chunk index that `str.isdigit()` accepts but `int()` does not (`²`, `٣`), or with 1000 / 5000 digits',
      'only ASCII indices of at most 9 digits; anything else is counted junk; agent stays up; next good pack stored (params non-ascii-digit-chunk-index, thousand-digit-chunk-index)',
      ['test_transport_attacks.py::test_wire_attack_agent_survives_and_takes_the_next_pack']),

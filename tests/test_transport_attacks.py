@@ -571,3 +571,47 @@ def test_agent_and_publish_read_a_config_file_and_password_file(tmp_path, home, 
     proc = subprocess.run([sys.executable, "-m", "edge_ser", "agent", "--config", str(bad)], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 1 and "unknown key 'brokr'" in proc.stderr and "broker" in proc.stderr
+
+
+# ---------------------------------------------------------------- the handler itself, fuzzed (no broker needed)
+
+from hypothesis import HealthCheck, given, settings          # noqa: E402
+from hypothesis import strategies as st                      # noqa: E402
+
+_NASTY = [b"[" * 100_000, b'{"a":' * 20_000 + b"}" * 20_000, b"9" * 5000, b'{"type": "edge-ser-pack", "sequence": 1e999}',
+          b'{"type": "edge-ser-pack", "sequence": ' + b"9" * 4000 + b"}", b"\xff" * 100, b"", b"null", b"[]",
+          junk_announcement(sequence=10 ** 300), junk_announcement(sequence=-1), junk_announcement(size=10 ** 12, chunk=1),
+          junk_announcement(manifest="!!!"), junk_announcement(manifest=base64.b64encode(b"{}").decode()),
+          junk_announcement(manifest=123), junk_announcement(v=[[[[]]]])]
+_TOPICS = st.sampled_from(["ser/packs/announce", "ser/packs/chunks/" + "a" * 64 + "/0", "ser/packs/chunks/x/\u00b2",
+                           "ser/packs/chunks/" + "a" * 64 + "/" + "9" * 5000, "ser/packs/status/dev2", "other/topic",
+                           "ser/packs/chunks//", "ser/packs/chunks/" + "a" * 64 + "/\u0663"])
+
+
+@pytest.fixture(scope="module")
+def offline_agent(tmp_path_factory):
+    """An Agent that is never connected (status publishes are skipped), for feeding messages directly."""
+    home = tmp_path_factory.mktemp("home")
+    keys = signing.keygen(home)
+    return transport.Agent("mqtt://127.0.0.1:1", "ser/packs", store=home / "store", public_key=keys["public_key"],
+                           verbose=False)
+
+
+@pytest.mark.parametrize("payload", _NASTY, ids=range(len(_NASTY)))
+def test_handler_survives_each_nasty_payload(offline_agent, payload):
+    errors = offline_agent.errors
+    for topic in ("ser/packs/announce", "ser/packs/chunks/" + "a" * 64 + "/\u00b2"):
+        assert offline_agent.handle(topic, payload) is None
+    assert offline_agent.transfer is None              # nothing unsigned starts a transfer
+    assert offline_agent.errors == errors              # parsed as junk, not caught by the last-resort handler
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
+@given(topic=_TOPICS, payload=st.one_of(st.binary(max_size=2000), st.sampled_from(_NASTY),
+                                        st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=20),
+                                                     lambda c: st.lists(c, max_size=4) | st.dictionaries(st.text(max_size=8), c, max_size=4),
+                                                     max_leaves=30).map(lambda v: json.dumps({"type": "edge-ser-pack", "x": v}).encode())))
+def test_property_handler_never_raises(offline_agent, topic, payload):
+    errors = offline_agent.errors
+    offline_agent.handle(topic, payload)
+    assert offline_agent.errors == errors               # every payload is judged by the parser, none by accident
