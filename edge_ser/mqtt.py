@@ -1,6 +1,7 @@
 """One MQTT client for every edge-ser command (paho-mqtt 2.x): broker URLs, TLS, credentials, retry.
 
-The publisher, the device agent and ``listen --broker`` all connect through :class:`Client`:
+The publisher and the device agent connect through :class:`Client`, and ``listen --broker`` can
+(``publish_nowait`` / ``flush`` / ``max_queued`` for a stream of results):
 
 * URLs: ``mqtts://HOST[:8883]`` (TLS), ``mqtt://HOST[:1883]`` (plain), ``wss://HOST[:443]/PATH`` and
   ``ws://HOST[:80]/PATH`` (MQTT over WebSockets); ``ssl://`` / ``tcp://`` are aliases. A bare ``HOST:PORT``
@@ -130,7 +131,7 @@ class Client:
 
     def __init__(self, broker: str, client_id: str, username=None, password=None, cafile=None,
                  on_message=None, on_connected=None, will: Optional[Tuple[str, bytes]] = None,
-                 insecure: bool = False, keepalive: int = 30):
+                 insecure: bool = False, keepalive: int = 30, max_queued: Optional[int] = None):
         import paho.mqtt.client as mqtt
 
         self.mqtt = mqtt
@@ -151,6 +152,9 @@ class Client:
         if self.broker.transport == "websockets":
             c.ws_set_options(path=self.broker.path)
         c.max_inflight_messages_set(20)
+        if max_queued is not None:     # broker away: keep at most this many messages (listen's results) queued
+            c.max_queued_messages_set(int(max_queued))
+        self._pending = []
         c.reconnect_delay_set(min_delay=1, max_delay=30)
         if username is not None:
             c.username_pw_set(username, password)
@@ -258,6 +262,23 @@ class Client:
                         ok = False
                 if not ok:
                     self.publish(t, p, r, deadline)
+
+    def publish_nowait(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False):
+        """Queue a message without waiting (a stream of results); :meth:`flush` waits for the acks."""
+        info = self.client.publish(topic, payload, qos=qos, retain=retain)
+        self._pending = [i for i in self._pending if not i.is_published()][-10_000:] + [info]
+        return info
+
+    def flush(self, timeout: float = 5.0) -> int:
+        """Wait (bounded) until messages from :meth:`publish_nowait` are acknowledged; returns how many are not."""
+        deadline = time.monotonic() + timeout
+        for info in self._pending:
+            try:
+                info.wait_for_publish(timeout=max(0.0, deadline - time.monotonic()))
+            except (RuntimeError, ValueError):
+                pass
+        self._pending = [i for i in self._pending if not i.is_published()]
+        return len(self._pending)
 
     def close(self, timeout: float = 2.0) -> None:
         """Disconnect cleanly: wait (up to ``timeout``) until DISCONNECT is on the wire, so the broker

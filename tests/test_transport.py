@@ -412,3 +412,34 @@ def test_agent_sigkilled_mid_transfer_then_recovers(tmp_path, home, broker):
     assert res["state"] in ("stored", "up-to-date") and PackStore(store_dir).current()["sequence"] == 200
     assert list(PackStore(store_dir).incoming.iterdir()) == []
 
+
+
+@requires_mosquitto
+def test_mqtt_client_streams_results_for_listen(tmp_path, broker):
+    """The one MQTT client also serves a stream of results (what `listen --broker` needs): queued without
+    waiting, flushed with a bound, over TLS with a CA file and credentials from the environment."""
+    got = []
+    sub = transport.Client(broker.url, "sub", **broker.user("edge-ser-monitor"),
+                           on_message=lambda c, u, m: got.append(bytes(m.payload)))
+    sub.open(10)
+    sub.client.subscribe("ser/packs/status/#", qos=1)
+    time.sleep(0.3)
+    env = {"EDGE_SER_MQTT_USERNAME": "dev2", "EDGE_SER_MQTT_PASSWORD": broker.passwords["dev2"],
+           "EDGE_SER_MQTT_CAFILE": broker.cafile}
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        c = transport.Client(broker.tls_url, "ignored", max_queued=100)
+        c.open(10)
+        for i in range(25):
+            c.publish_nowait("ser/packs/status/dev2", json.dumps({"i": i}).encode())
+        assert c.flush(10) == 0
+        c.close()
+    finally:
+        for k, v in old.items():
+            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+    deadline = time.monotonic() + 5
+    while len(got) < 25 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    sub.close()
+    assert [json.loads(g)["i"] for g in got] == list(range(25))
