@@ -79,11 +79,11 @@ def _manifest_members(data: bytes):
         return None, None
 
 
-def json_depth(payload: bytes) -> int:
-    """Bracket nesting of JSON text, strings skipped; linear and without recursion."""
+def json_depth(payload: bytes, stop: Optional[int] = MAX_JSON_DEPTH) -> int:
+    """Bracket nesting of JSON text, strings skipped; linear, without recursion, stops past ``stop``."""
     from .packfile import _json_depth
 
-    return _json_depth(payload)
+    return _json_depth(payload, stop)
 
 
 def _bounded_int(a: dict, key: str, lo: int, hi: int) -> int:
