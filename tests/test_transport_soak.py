@@ -63,10 +63,14 @@ def test_soak_good_packs_interleaved_with_every_junk_class(tmp_path, home, broke
     import zipfile
 
     from edge_ser.config import FeatureConfig
-    from test_transport_attacks import CliAgent, announcement, junk_announcement
+    from test_transport_attacks import CliAgent, _forged_bomb, announcement, junk_announcement
 
     tiny = FeatureConfig(n_mels=8, clip_seconds=0.05, f_max=4000.0)
     rounds = 15
+
+    def member(path, name):
+        with zipfile.ZipFile(path) as zf:
+            return zf.read(name)
 
     def tiny_pack(name, seq, deployment="ser/packs"):
         return Path(make_pack(tmp_path / "packs" / name, private_key=home["private_key"], sequence=seq, seed=seq % 97,
@@ -75,6 +79,13 @@ def test_soak_good_packs_interleaved_with_every_junk_class(tmp_path, home, broke
 
     good = [tiny_pack(f"g{i}.pack", 1000 + 10 * i) for i in range(rounds)]
     other = [tiny_pack(f"o{i}.pack", 10 ** 9 + i, deployment="factory/packs") for i in range(3)]
+    bomb = _forged_bomb(tmp_path / "bomb.pack")                       # forged signature, 120 MB of members
+    bomb_ann = transport.make_announcement(bomb.read_bytes(), hashlib.sha256(member(bomb, "manifest.json")).hexdigest(),
+                                           10 ** 12, 60_000)
+    unsigned = Path(make_pack(tmp_path / "packs" / "unsigned.pack", sequence=10 ** 10, fc=tiny, ipc=1,
+                              deployment="ser/packs", golden_inputs=np.zeros((1, 8, 3), np.float32),
+                              golden_logits=np.zeros((1, 4), np.float32))["path"])
+    unsigned_ann, _ = announcement(unsigned, chunk_size=2000)
     store_dir = tmp_path / "store"
     agent = CliAgent(broker, store_dir, home["public_key"])
     attacker = transport.Client(broker.url, "attacker", username="edge-ser-flooder",
@@ -85,10 +96,6 @@ def test_soak_good_packs_interleaved_with_every_junk_class(tmp_path, home, broke
     def junk(topic, payload, retain=False):
         attacker.publish(topic, payload, retain, time.monotonic() + 10)
         sent["junk"] += 1
-
-    def member(path, name):
-        with zipfile.ZipFile(path) as zf:
-            return zf.read(name)
 
     took = []
     try:
@@ -123,6 +130,8 @@ def test_soak_good_packs_interleaved_with_every_junk_class(tmp_path, home, broke
                 junk("ser/packs/announce", json.dumps(old).encode())
             o, _ = announcement(other[k % len(other)], chunk_size=2000)   # signed, newer, another deployment
             junk("ser/packs/announce", json.dumps(o).encode())
+            junk("ser/packs/announce", json.dumps(bomb_ann).encode())          # forged signature
+            junk("ser/packs/announce", json.dumps(unsigned_ann).encode())      # unsigned pack
             t0 = time.monotonic()
             transport.publish(pack, broker.url, "ser/packs", chunk_size=2000, timeout=30, **broker.creds())
             sent["good"] += 1
