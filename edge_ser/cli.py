@@ -118,8 +118,8 @@ def cmd_keygen(a):
 
 
 def _mqtt_settings(a, command: str) -> dict:
-    """Flags over ``--config`` over the environment (EDGE_SER_MQTT_*); the password never from argv in
-    examples: EDGE_SER_MQTT_PASSWORD, EDGE_SER_MQTT_PASSWORD_FILE or the config's password_file."""
+    """Flags over ``--config`` over the environment (EDGE_SER_MQTT_*, read by :mod:`edge_ser.mqtt`); the
+    password never from argv in examples: the config's password_file, EDGE_SER_MQTT_PASSWORD(_FILE)."""
     from .runconfig import load, read_password_file
 
     conf = load(a.config, command) if getattr(a, "config", None) else {}
@@ -133,7 +133,7 @@ def _mqtt_settings(a, command: str) -> dict:
     out["password"] = a.password
     if out["password"] is None and conf.get("password_file"):
         out["password"] = read_password_file(conf["password_file"])
-    if a.password is not None and a.password != os.environ.get("EDGE_SER_MQTT_PASSWORD"):
+    if a.password is not None:
         sys.stderr.write("edge-ser: WARNING: --password is visible in the process list; use "
                          "EDGE_SER_MQTT_PASSWORD(_FILE) or password_file in --config\n")
     for key in ("broker", "topic"):
@@ -261,12 +261,10 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--broker", help="mqtts://HOST:8883 (TLS; default for HOST:PORT), wss://HOST/PATH; plain "
                                          "mqtt:// or ws:// only to this machine, or with --insecure")
         sp.add_argument("--topic", help="topic prefix, e.g. ser/packs")
-        sp.add_argument("--username", default=os.environ.get("EDGE_SER_MQTT_USERNAME"),
-                        help="or set EDGE_SER_MQTT_USERNAME")
-        sp.add_argument("--password", default=os.environ.get("EDGE_SER_MQTT_PASSWORD"),
-                        help="prefer EDGE_SER_MQTT_PASSWORD or EDGE_SER_MQTT_PASSWORD_FILE (argv is visible to all)")
-        sp.add_argument("--cafile", default=os.environ.get("EDGE_SER_MQTT_CAFILE"),
-                        help="CA certificate for mqtts:// (or EDGE_SER_MQTT_CAFILE)")
+        sp.add_argument("--username", help="MQTT user (or username in --config, or EDGE_SER_MQTT_USERNAME)")
+        sp.add_argument("--password", help="avoid: argv is visible to all; use password_file in --config, "
+                                           "EDGE_SER_MQTT_PASSWORD or EDGE_SER_MQTT_PASSWORD_FILE")
+        sp.add_argument("--cafile", help="CA certificate for mqtts:// (or cafile in --config, or EDGE_SER_MQTT_CAFILE)")
         sp.add_argument("--insecure", action="store_true",
                         help="allow plain-text MQTT to another machine (trusted networks and tests only)")
         sp.add_argument("--timeout", type=float, default=None, help="seconds to wait (default 60)")
