@@ -280,6 +280,10 @@ class Agent:
         if self.transfer is not None and self.transfer.key == a["key"]:
             return None            # the same transfer again
         if a["key"] in self.pending:
+            if a["sequence"] <= self.store.max_sequence():
+                del self.pending[a["key"]]
+            else:
+                self._offer(self.pending[a["key"]])    # announced again (the publisher, after a copy): judged anew
             return None
         if not self._check_announcement(a):
             return None
@@ -297,7 +301,9 @@ class Agent:
             self._keep_pending(r.a)
             self._drop_transfer()
             self._start(a)
-        elif a["sequence"] == r.a["sequence"] and (not r.have or now - r.last_progress > SWITCH_SECONDS):
+        elif a["sequence"] == r.a["sequence"] and now - r.last_progress > SWITCH_SECONDS:
+            # (a transfer only just started is given SWITCH_SECONDS to show progress: a junk copy arriving
+            # right after the genuine announcement must not knock it out)
             self._keep_pending(r.a)
             self._drop_transfer()
             self._start(a)
@@ -446,18 +452,18 @@ class Agent:
             self.status("refused", error=f"transfer of {a['pack_id'][:16]} made no progress for "
                                          f"{self.transfer_timeout:.0f}s; given up", refused_pack=a["pack_id"])
             self._next()
+        elif (self.pending and max(a["sequence"] for a in self.pending.values()) >= r.a["sequence"]
+              and ((not r.have and now - r.started > SWITCH_SECONDS) or idle > self.stall_seconds)):
+            # stuck (from the start, or part-way) while other announcements of this pack or a newer one wait:
+            # let them take turns (least recently tried first)
+            self._keep_pending(r.a)
+            self._drop_transfer()
+            self._next()
         elif idle > self.stall_seconds and now - self._resubscribed > self.stall_seconds:
             sub = f"{self.t['chunks']}/{r.a['pack_id']}/+"
             self.conn.client.unsubscribe(sub)
             self.conn.client.subscribe(sub, qos=1)    # retained chunks are delivered again
             self._resubscribed = now
-        elif self.pending and not r.have and now - r.started > SWITCH_SECONDS:
-            # stuck from the start while other announcements wait: let the best of them try
-            best = max(self.pending.values(), key=lambda a: a["sequence"])
-            if best["sequence"] >= r.a["sequence"]:
-                self._keep_pending(r.a)
-                self._drop_transfer()
-                self._next()
 
     _connected_at = 0.0
 

@@ -111,9 +111,9 @@ def test_soak_good_packs_interleaved_with_every_junk_class(tmp_path, home, broke
             junk("ser/packs/announce", np.random.default_rng(k).bytes(120_000))
             junk("ser/packs/chunks/../../x/0", b"x")
             # the genuine announcement without chunks, then chunk indices that str.isdigit() accepts
-            junk("ser/packs/announce", json.dumps(dict(a, manifest=a["manifest"], signature=a["signature"])).encode())
-            junk(f"ser/packs/chunks/{pid}/\u00b2", b"x")
-            junk(f"ser/packs/chunks/{pid}/{'9' * 5000}", b"x")
+            genuine = [("ser/packs/announce", json.dumps(dict(a, manifest=a["manifest"], signature=a["signature"])).encode(), False),
+                       (f"ser/packs/chunks/{pid}/\u00b2", b"x", False),
+                       (f"ser/packs/chunks/{pid}/{'9' * 5000}", b"x", False)]
             # this pack's id and signed manifest with junk content (completes, fails) and with a stalled layout
             data = os.urandom(3000)
             forged = transport.make_announcement(data, pid, a["sequence"], 1000, manifest=member(pack, "manifest.json"),
@@ -121,10 +121,12 @@ def test_soak_good_packs_interleaved_with_every_junk_class(tmp_path, home, broke
             stalled = dict(a, size=10 ** 7, chunk_size=65536, chunks=-(-10 ** 7 // 65536),
                            sha256=hashlib.sha256(b"junk%d" % k).hexdigest())
             stalled["chunk_sha256"] = [stalled["sha256"]] * stalled["chunks"]
-            junk("ser/packs/announce", json.dumps(stalled).encode(), retain=(k % 3 == 2))
-            junk("ser/packs/announce", json.dumps(forged).encode())
-            for i in range(3):
-                junk(f"ser/packs/chunks/{pid}/{i}", data[i * 1000:(i + 1) * 1000])
+            copies = [("ser/packs/announce", json.dumps(stalled).encode(), k % 3 == 2),
+                      ("ser/packs/announce", json.dumps(forged).encode(), False)]
+            copies += [(f"ser/packs/chunks/{pid}/{i}", data[i * 1000:(i + 1) * 1000], False) for i in range(3)]
+            # even rounds: the genuine copy first; odd rounds: the junk copies first (the worst case)
+            for topic, payload, retain in (genuine + copies if k % 2 == 0 else copies + genuine):
+                junk(topic, payload, retain)
             if k >= 2:      # a replayed, validly signed older pack
                 old, _ = announcement(good[k - 2], chunk_size=2000)
                 junk("ser/packs/announce", json.dumps(old).encode())
