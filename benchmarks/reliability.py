@@ -157,7 +157,7 @@ FAULTS: List[Tuple[str, str, str, List[str]]] = [
      "refusals keyed by the transfer's unsigned fields / the whole-file hash, expiring; the real pack is stored (param next-pack-id-with-junk-content)",
      ['test_transport_attacks.py::test_wire_attack_agent_survives_and_takes_the_next_pack']),
     ('attacks', 'a transfer that can never finish (genuine signed manifest, junk file hashes, no chunks; retained)',
-     'a stuck transfer yields to another announcement of the same pack after 2 s, is re-subscribed after 5 s and given up after 30 s; a newer signed announcement pre-empts it (param next-pack-id-stalled-transfer-retained)',
+     'a transfer without progress for 2 s (5 s once part-way) yields to waiting announcements of the same pack, is re-subscribed after 5 s and given up after 30 s; a newer signed announcement pre-empts it (param next-pack-id-stalled-transfer-retained)',
      ['test_transport_attacks.py::test_wire_attack_agent_survives_and_takes_the_next_pack']),
     ('attacks', 'replayed older signed pack; oversized, binary and path-traversal payloads (held before: regression guard)',
      "refused before any download ('not newer', once on status) / counted junk (params replayed-older-signed-pack, oversized-binary-traversal)",
