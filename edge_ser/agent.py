@@ -93,6 +93,7 @@ class Agent:
         self.dropped = 0
         self.junk = 0
         self.errors = 0
+        self.local_errors = 0          # OSErrors of this device (disk full, ...), not of the messages
         self.last_error: Optional[str] = None
         self.transfer: Optional[Reassembler] = None
         self._resubscribed = 0.0
@@ -170,6 +171,7 @@ class Agent:
             return self._handle(topic, payload)
         except OSError as exc:     # the device's own trouble (disk full, ...): said once, the agent goes on
             self.errors += 1
+            self.local_errors += 1
             self.last_error = _one_line(exc, 200)
             self.status("error", error=self.last_error)
             return None
@@ -498,7 +500,11 @@ class Agent:
                     continue
                 if kind != "msg":
                     continue
+                local = self.local_errors
                 result = self.handle(topic, payload)
+                if once and self.local_errors > local:
+                    # --once: the device's own failure (disk full, ...) ends the run with its cause, now
+                    raise TransportError(f"could not take the pack: {self.last_error}")
                 self._safe(self.check_stall)
                 if result is None:
                     continue
