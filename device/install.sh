@@ -21,5 +21,6 @@ install -d -o "$USER_NAME" -g "$USER_NAME" /var/lib/edge-ser /etc/edge-ser
 install -m 0644 "$(dirname "$0")/edge-ser-agent.service" /etc/systemd/system/edge-ser-agent.service
 systemctl daemon-reload
 "$PREFIX/bin/edge-ser" doctor || true
-echo "copy the server's signing.pub to /etc/edge-ser/signing.pub, edit /etc/edge-ser/device.toml, then:"
+echo "copy the server's signing.pub and the broker's ca.crt to /etc/edge-ser/, put this device's MQTT password in"
+echo "/etc/edge-ser/mqtt.password (mode 0600, owner edge-ser), edit /etc/edge-ser/device.toml (broker, username), then:"
 echo "  systemctl enable --now edge-ser-agent"

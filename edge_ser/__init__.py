@@ -24,7 +24,7 @@ _LAZY = {
     "listen": ("edge_ser.stream", "listen"),
     "corpus_info": ("edge_ser.corpora.report", "corpus_info"),
     "load_features": ("edge_ser.corpora.extract", "load_features"),
-    "publish": ("edge_ser.transport", "publish"),
+    "publish": ("edge_ser.chunks", "publish"),
     "keygen": ("edge_ser.signing", "keygen"),
     "FeatureConfig": ("edge_ser.config", "FeatureConfig"),
     "ModelConfig": ("edge_ser.config", "ModelConfig"),

@@ -17,8 +17,8 @@ EPILOG = """\
 the pipeline:
   server:  edge-ser corpus info CORPUS          what is in a corpus (speakers, classes, problems)
            edge-ser pack CORPUS -o demo.pack    distil it into a signed pack of a few log-Mel samples per class
-           edge-ser publish demo.pack --broker mqtt://127.0.0.1:1883 --topic ser/packs
-  device:  edge-ser agent --broker mqtt://127.0.0.1:1883 --topic ser/packs   receive, verify, train
+           edge-ser publish demo.pack --broker mqtts://broker:8883 --topic ser/packs --cafile ca.crt
+  device:  edge-ser agent --config /etc/edge-ser/device.toml            receive, verify, train
            edge-ser train-local demo.pack -o model/    train from the pack, export ONNX / TFLite
            edge-ser listen model/                      live emotion from the microphone
   demo:    edge-ser demo                               all of the above on the built-in demo corpus
@@ -123,7 +123,7 @@ def cmd_pack(a):
 
     return pack(a.corpus, a.output, method=a.method, ipc=a.ipc, test_speakers=a.test_speakers, seed=a.seed,
                 fmt=a.format, key=a.key, model=a.model, iterations=a.iterations, progress=not a.quiet,
-                params=parse_params(a.param)), None
+                params=parse_params(a.param), deployment=a.deployment), None
 
 
 def parse_params(items) -> dict:
@@ -165,19 +165,52 @@ def cmd_keygen(a):
     return keygen(a.out_dir, name=a.name, force=a.force), None
 
 
-def cmd_publish(a):
-    from .transport import publish
+def _mqtt_settings(a, command: str) -> dict:
+    """Flags over ``--config`` over the environment (EDGE_SER_MQTT_*, read by :mod:`edge_ser.mqtt`); the
+    password never from argv in examples: the config's password_file, EDGE_SER_MQTT_PASSWORD(_FILE)."""
+    from .runconfig import load, read_password_file
 
-    return publish(a.pack, a.broker, a.topic, username=a.username, password=a.password, cafile=a.cafile,
-                   chunk_size=a.chunk_size, timeout=a.timeout), None
+    conf = load(a.config, command) if getattr(a, "config", None) else {}
+    out = {}
+    for key in ("broker", "topic", "username", "cafile", "timeout", "store", "public_key", "deployment",
+                "memory_budget_mb", "threads", "chunk_size", "pack"):
+        value = getattr(a, key, None)
+        out[key] = value if value is not None else conf.get(key)
+    out["insecure"] = bool(getattr(a, "insecure", False) or conf.get("insecure", False))
+    out["train"] = bool(getattr(a, "train", False) or conf.get("train", False))
+    out["password"] = a.password
+    if out["password"] is None and conf.get("password_file"):
+        out["password"] = read_password_file(conf["password_file"])
+    if a.password is not None:
+        sys.stderr.write("edge-ser: WARNING: --password is visible in the process list; use "
+                         "EDGE_SER_MQTT_PASSWORD(_FILE) or password_file in --config\n")
+    for key in ("broker", "topic"):
+        if not out[key]:
+            raise CliError(f"--{key} is required (or set {key} in [mqtt] of --config)")
+    out["timeout"] = 60.0 if out["timeout"] is None else float(out["timeout"])
+    return out
+
+
+def cmd_publish(a):
+    from .chunks import publish
+
+    m = _mqtt_settings(a, "publish")
+    pack = a.pack or m["pack"]
+    if not pack:
+        raise CliError("publish needs a PACK (or pack in [publish] of --config)")
+    return publish(pack, m["broker"], m["topic"], username=m["username"], password=m["password"], cafile=m["cafile"],
+                   chunk_size=m["chunk_size"] or 60_000, timeout=m["timeout"], insecure=m["insecure"],
+                   public_key=m["public_key"]), None
 
 
 def cmd_agent(a):
-    from .transport import run_agent
+    from .agent import run_agent
 
-    return run_agent(a.broker, a.topic, store=a.store, public_key=a.public_key, username=a.username,
-                     password=a.password, cafile=a.cafile, train=a.train, once=a.once, timeout=a.timeout,
-                     memory_budget_mb=a.memory_budget_mb, threads=a.threads), None
+    m = _mqtt_settings(a, "agent")
+    return run_agent(m["broker"], m["topic"], store=m["store"], public_key=m["public_key"], username=m["username"],
+                     password=m["password"], cafile=m["cafile"], train=m["train"], once=a.once, timeout=m["timeout"],
+                     memory_budget_mb=m["memory_budget_mb"], threads=m["threads"], insecure=m["insecure"],
+                     deployment=m["deployment"]), None
 
 
 def cmd_train_local(a):
@@ -260,6 +293,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--model", default="convnet", help="model architecture: convnet (default) or cnn6")
     sp.add_argument("--iterations", type=_int_at_least(0, "distillation iterations"), default=None,
                     help="distillation iterations (default: method's)")
+    sp.add_argument("--deployment", default=None,
+                    help="signed deployment id devices check (their topic prefix, e.g. ser/packs)")
     sp.add_argument("--param", action="append", metavar="KEY=VALUE",
                     help="a method setting, repeatable, e.g. --param epoch_grid=80,120 (fixed-init: the device's "
                          "epoch counts to choose from); see the method's docs (edge_ser/distill/)")
@@ -303,23 +338,32 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--force", action="store_true", help="overwrite an existing key pair")
 
     def mqtt_args(sp):
-        sp.add_argument("--broker", required=True, help="mqtt://HOST:PORT or mqtts://HOST:PORT (TLS)")
-        sp.add_argument("--topic", required=True, help="topic prefix, e.g. ser/packs")
-        sp.add_argument("--username", default=os.environ.get("EDGE_SER_MQTT_USERNAME"))
-        sp.add_argument("--password", default=os.environ.get("EDGE_SER_MQTT_PASSWORD"),
-                        help="or set EDGE_SER_MQTT_PASSWORD")
-        sp.add_argument("--cafile", help="CA certificate for mqtts://")
-        sp.add_argument("--timeout", type=float, default=60.0, help="seconds to wait (default 60)")
+        sp.add_argument("--config", help="TOML settings ([mqtt] and [agent]/[publish]); flags win over it")
+        sp.add_argument("--broker", help="mqtts://HOST:8883 (TLS; default for HOST:PORT), wss://HOST/PATH; plain "
+                                         "mqtt:// or ws:// only to this machine, or with --insecure")
+        sp.add_argument("--topic", help="topic prefix, e.g. ser/packs")
+        sp.add_argument("--username", help="MQTT user (or username in --config, or EDGE_SER_MQTT_USERNAME)")
+        sp.add_argument("--password", help="avoid: argv is visible to all; use password_file in --config, "
+                                           "EDGE_SER_MQTT_PASSWORD or EDGE_SER_MQTT_PASSWORD_FILE")
+        sp.add_argument("--cafile", help="CA certificate for mqtts:// (or cafile in --config, or EDGE_SER_MQTT_CAFILE)")
+        sp.add_argument("--insecure", action="store_true",
+                        help="allow plain-text MQTT to another machine (trusted networks and tests only)")
+        sp.add_argument("--timeout", type=float, default=None, help="seconds to wait (default 60)")
 
     sp = add("publish", "publish a pack to devices over MQTT (chunked, QoS 1, retained)", cmd_publish)
-    sp.add_argument("pack")
+    sp.add_argument("pack", nargs="?")
     mqtt_args(sp)
-    sp.add_argument("--chunk-size", type=int, default=60_000, help="bytes per chunk (<= 65536)")
+    sp.add_argument("--chunk-size", type=int, default=None, help="bytes per chunk (<= 65536, default 60000)")
+    sp.add_argument("--public-key", help="key that tells our own retained announcement from junk "
+                                         "(default: ~/.config/edge-ser/signing.pub or .key)")
 
     sp = add("agent", "device agent: receive packs over MQTT, verify, store atomically, optionally train", cmd_agent)
     mqtt_args(sp)
     sp.add_argument("--store", default=None, help="where packs live (default: ~/.local/share/edge-ser)")
     sp.add_argument("--public-key", help="Ed25519 public key that packs must be signed with")
+    sp.add_argument("--deployment", default=os.environ.get("EDGE_SER_DEPLOYMENT"),
+                    help="the signed deployment id packs must carry (default: the topic prefix; packs without one "
+                         "are then accepted with a warning)")
     sp.add_argument("--train", action="store_true", help="run train-local on every new pack")
     sp.add_argument("--once", action="store_true", help="exit after the first pack is stored")
     sp.add_argument("--memory-budget-mb", type=_positive_float("MB"), default=None)

@@ -20,6 +20,8 @@ import numpy as np
 from . import memory
 
 MODEL_FORMAT = "edge-ser-model/1"
+#: an int8 model whose top-1 agrees with fp32 on fewer of the pack's own vectors than this is not installed
+INT8_MIN_AGREEMENT = 0.80
 
 
 def train_local(pack, output, memory_budget_mb: Optional[float] = None, threads: Optional[int] = None,
@@ -97,7 +99,8 @@ def recover_folder(out: Path) -> None:
 
 def train_from_pack(p, output, memory_budget_mb: Optional[float] = None, threads: Optional[int] = None,
                     export: bool = True, progress: bool = False, tflite: bool = True,
-                    require_golden: bool = True, lean: bool = False, _t0: Optional[float] = None) -> Dict[str, Any]:
+                    require_golden: bool = True, lean: bool = False, _t0: Optional[float] = None,
+                    int8_min_agreement: float = INT8_MIN_AGREEMENT) -> Dict[str, Any]:
     """Train a loaded pack (any object with the :class:`edge_ser.packfile.Pack` attributes) into ``output``.
 
     Raises ``ValueError`` (bad pack, θ0 hash mismatch), :class:`memory.MemoryBudgetError` (budget cannot be
@@ -176,6 +179,7 @@ def train_from_pack(p, output, memory_budget_mb: Optional[float] = None, threads
                                      f"{memory.TFLITE_EXPORT_MB:.0f} MB more, beyond the {memory_budget_mb:.0f} MB "
                                      "budget (the ONNX models are written; convert where TensorFlow fits)")
             files.update(export_all(model, tmp, meta, calib, tflite=tflite, warn=warnings_list.append))
+            refuse_collapsed_int8(tmp, files, int8_min_agreement, warnings_list.append)
         export_seconds = time.perf_counter() - t_export
         provenance = dict(getattr(p, "provenance", {}) or {})
         info = {
@@ -225,12 +229,27 @@ def train_from_pack(p, output, memory_budget_mb: Optional[float] = None, threads
         "files": {k: (v.get("file") if isinstance(v, dict) else v) for k, v in files.items()},
         "sizes": {k: v.get("bytes") for k, v in files.items() if isinstance(v, dict) and v.get("bytes")},
         "int8_agreement": (files.get("onnx-int8") or {}).get("agreement_vs_fp32", {}).get("argmax_agreement"),
+        "int8": "refused" if (files.get("onnx-int8") or {}).get("refused") else ("installed" if export else None),
         "warnings": warnings_list,
     }
     if memory_budget_mb is not None and peak > memory_budget_mb:
         result["warnings"].append(f"peak RSS {peak:.0f} MB exceeded the budget {memory_budget_mb:.0f} MB "
                                   "(estimate was too low)")
     return result
+
+
+def refuse_collapsed_int8(folder: Path, files: Dict[str, Any], threshold: float, warn) -> None:
+    """Remove each int8 model (ONNX, TFLite) whose top-1 agreement with fp32 on the pack's own vectors is
+    below ``threshold`` (e.g. a quantisation that collapsed to one class); ``listen`` then runs fp32."""
+    for key, name in (("onnx-int8", "model.int8.onnx"), ("tflite", "model.int8.tflite")):
+        info = files.get(key)
+        agree = ((info or {}).get("agreement_vs_fp32") or {}).get("argmax_agreement")
+        if agree is None or agree >= threshold:
+            continue
+        (Path(folder) / name).unlink(missing_ok=True)
+        files[key] = {"refused": True, "agreement_vs_fp32": info["agreement_vs_fp32"], "threshold": threshold}
+        warn(f"{name} refused: its top-1 agrees with fp32 on only {agree:.0%} of the pack's vectors (threshold "
+             f"{threshold:.0%}); the fp32 model (model.onnx) is used instead")
 
 
 def _fsync_dir(folder: Path) -> None:

@@ -124,7 +124,8 @@ def check_output(output) -> Path:
 
 def pack(corpus, output, method: Optional[str] = None, ipc: int = 10, test_speakers=None, seed: int = 0,
          fmt: Optional[str] = None, key=None, model: str = "convnet", iterations: Optional[int] = None,
-         progress: bool = True, params: Optional[dict] = None, threads: Optional[int] = None) -> dict:
+         progress: bool = True, params: Optional[dict] = None, threads: Optional[int] = None,
+         deployment: Optional[str] = None) -> dict:
     """Distil ``corpus`` (a path, or ``"demo"``) into a signed pack at ``output``.
 
     ``params`` are the method's own settings (its module docstring lists them), e.g. fixed-init's
@@ -248,7 +249,7 @@ def pack(corpus, output, method: Optional[str] = None, ipc: int = 10, test_speak
                       golden_inputs=np.ascontiguousarray(stored[gidx]),
                       golden_logits=golden_logits, golden_tolerance=golden_tolerance(golden_logits),
                       provenance=provenance, calibration=None, sequence=created_ms, private_key=private_key,
-                      created_ms=created_ms, resolution=resolution)
+                      created_ms=created_ms, resolution=resolution, deployment=deployment)
     result = {"ok": True, "path": info["path"], "pack_id": info["pack_id"], "sequence": info["sequence"],
               "bytes": info["bytes"], "corpus_bytes": corpus_bytes,
               "ratio": round(info["bytes"] / corpus_bytes, 5) if corpus_bytes else None,

@@ -77,6 +77,10 @@ class PackLimits:
     max_manifest_bytes: int = 1 << 20
     max_ratio: int = 200               # uncompressed / compressed per member (deflate tops out near 1000) ...
     ratio_floor: int = 16 << 20        # ... checked only for members larger than this (constant arrays are legit)
+    max_array_bytes: int = 256 << 20   # any array a device derives from the pack (stem expansion, ...)
+    max_dim: int = 1 << 16             # one config dimension (Mel bins, frames, channels, classes)
+    max_train_steps: int = 1_000_000   # epochs x steps per epoch of the signed schedule
+    max_epochs: int = 100_000
 
 
 LIMITS = PackLimits()
@@ -111,6 +115,7 @@ class Pack:
     key_id: Optional[str]
     created: str = ""
     manifest: Dict[str, Any] = field(default_factory=dict, repr=False)
+    deployment: Optional[Dict[str, Any]] = None     # signed {"id", "classes", "model"}; None in older packs
 
     @property
     def hard_labels(self) -> np.ndarray:
@@ -255,7 +260,8 @@ def write_pack(path, *, X, y, classes, feature_config: FeatureConfig, model_conf
                schedule: Schedule, theta0: Mapping[str, np.ndarray], golden_inputs, golden_logits,
                golden_tolerance: float, provenance: Optional[dict] = None, calibration=None,
                sequence: Optional[int] = None, private_key=None, created_ms: Optional[int] = None,
-               format_version: str = FORMAT_VERSION, resolution: str = "input") -> dict:
+               format_version: str = FORMAT_VERSION, resolution: str = "input",
+               deployment: Optional[str] = None) -> dict:
     """Write a pack atomically (temp file, fsync, rename); sign it when ``private_key`` is given
     (an Ed25519 key object or a PEM path). Returns ``{"path", "pack_id", "bytes", "sequence", "signed"}``.
 
@@ -312,6 +318,8 @@ def write_pack(path, *, X, y, classes, feature_config: FeatureConfig, model_conf
     }
     if resolution != "input":
         manifest["synthetic_resolution"] = resolution
+    if deployment is not None:
+        manifest["deployment"] = deployment_identity(deployment, classes, model_config)
     manifest_bytes = json.dumps(manifest, sort_keys=True, indent=1, default=_json_default).encode()
     signature = None
     if private_key is not None:
@@ -367,10 +375,50 @@ class _Container:
     signature: Optional[dict]
     arrays: Dict[str, np.ndarray]
     size: int
+    verdict: Any = None          # what ``verify`` returned, before any array member was read
 
 
-def _read_container(source, where: str, limits: PackLimits = LIMITS) -> _Container:
-    """Open, bound-check, hash-check and parse every member. ``source`` is a path or bytes."""
+def deployment_identity(deployment: str, classes, model_config: ModelConfig) -> dict:
+    """The signed identity a device checks: which deployment (topic) the pack is for, its class set and
+    model family. A pack for another deployment is refused before it can touch the rollback floor."""
+    deployment = str(deployment).strip().rstrip("/")
+    if not deployment or len(deployment) > 200:
+        raise ValueError(f"deployment id {deployment!r} must be 1..200 characters")
+    return {"id": deployment, "classes": [str(c) for c in classes], "model": model_config.arch}
+
+
+def check_deployment(manifest: Mapping[str, Any], expected: Optional[str], where: str,
+                     configured: bool = True) -> Optional[str]:
+    """Refuse (PackError) a manifest whose signed deployment identity is not ``expected``, or is
+    inconsistent with the manifest's own classes and model. Returns a warning for an older pack without an
+    identity, which is accepted only when no deployment was configured (``configured=False``: ``expected``
+    was derived, e.g. from the topic)."""
+    dep = manifest.get("deployment")
+    if dep is None:
+        if expected is not None and configured:
+            raise PackError(f"{where}: pack carries no deployment identity; this device serves deployment "
+                            f"{expected!r} (rebuild the pack with --deployment)")
+        return (f"{where}: pack carries no deployment identity (built before edge-ser signed one); accepted "
+                "because no --deployment is configured")
+    try:
+        ok = (isinstance(dep, dict) and isinstance(dep.get("id"), str) and isinstance(dep.get("classes"), list)
+              and [str(c) for c in dep["classes"]] == [str(c) for c in manifest.get("classes", [])]
+              and dep.get("model") == (manifest.get("model_config") or {}).get("arch", "convnet"))
+    except Exception:
+        ok = False
+    if not ok:
+        raise PackError(f"{where}: deployment identity is malformed or disagrees with the pack's classes/model")
+    if expected is not None and dep["id"] != str(expected).strip().rstrip("/"):
+        raise PackError(f"{where}: pack is for deployment {dep['id'][:80]!r}, this device serves {expected!r}; "
+                        "refused (the rollback floor is unchanged)")
+    return None
+
+
+def _read_container(source, where: str, limits: PackLimits = LIMITS, verify=None) -> _Container:
+    """Open, bound-check, hash-check and parse every member. ``source`` is a path or bytes.
+
+    ``verify(head)`` (a :class:`_Container` without arrays) runs right after the manifest and signature
+    are read and *before* any other member is decompressed; it raises to refuse the pack."""
     if isinstance(source, (bytes, bytearray, memoryview)):
         data = bytes(source)
         size = len(data)
@@ -392,7 +440,7 @@ def _read_container(source, where: str, limits: PackLimits = LIMITS) -> _Contain
             raise PackError(f"{where}: not an edge-ser pack or truncated ({' '.join(str(exc).split())[:120]})") from None
         with zf:
             try:
-                return _read_members(zf, where, limits, size)
+                return _read_members(zf, where, limits, size, verify)
             except PackError:
                 raise
             except Exception as exc:
@@ -401,7 +449,77 @@ def _read_container(source, where: str, limits: PackLimits = LIMITS) -> _Contain
         fileobj.close()
 
 
-def _read_members(zf: zipfile.ZipFile, where: str, limits: PackLimits, size: int) -> _Container:
+def _json_loads_bounded(data: bytes, what: str, where: str, max_depth: int = 32):
+    """json.loads for untrusted bytes: nesting is bounded first (deep nesting is a RecursionError)."""
+    if _json_depth(data, max_depth) > max_depth:
+        raise PackError(f"{where}: {what} nests deeper than {max_depth} levels")
+    try:
+        return json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise PackError(f"{where}: {what} is not valid JSON ({exc.__class__.__name__})") from None
+
+
+_JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.S)
+_JSON_BRACKET = re.compile(rb"[\[\]{}]")
+
+
+def _json_depth(data: bytes, stop: Optional[int] = None) -> int:
+    """Maximum bracket nesting of JSON text, strings ignored (linear, no recursion); returns as soon as it
+    exceeds ``stop``, so a 100 KB run of brackets costs microseconds."""
+    depth = best = 0
+    for m in _JSON_BRACKET.finditer(_JSON_STRING.sub(b'""', data)):
+        if m.group() in (b"[", b"{"):
+            depth += 1
+            best = max(best, depth)
+            if stop is not None and best > stop:
+                return best
+        else:
+            depth -= 1
+    return best
+
+
+def _check_manifest_bounds(manifest: dict, where: str, limits: PackLimits) -> None:
+    """Every size a device will allocate or loop over, from the (already verified) manifest, capped
+    before any member is read: member shapes vs bytes, config dimensions, stem expansion, schedule length."""
+    table = manifest.get("members")
+    if not isinstance(table, dict):
+        raise PackError(f"{where}: manifest has no member table")
+    for name, entry in table.items():
+        if not isinstance(entry, dict) or not isinstance(entry.get("bytes"), int) or not isinstance(entry.get("sha256"), str):
+            raise PackError(f"{where}: manifest entry for {str(name)[:80]!r} is malformed")
+        shape = entry.get("shape")
+        if not (isinstance(shape, list) and len(shape) <= 4 and all(isinstance(d, int) and 0 <= d < 1 << 40 for d in shape)):
+            raise PackError(f"{where}: manifest shape of {str(name)[:80]!r} is malformed")
+    try:
+        fc = manifest.get("feature_config") or {}
+        mc = manifest.get("model_config") or {}
+        dims = [int(fc.get("n_mels", 64)), int(mc.get("n_mels", 64)), int(mc.get("num_frames", 298)),
+                int(mc.get("num_classes", 2)), *[int(c) for c in (mc.get("channels") or [])],
+                *[int(p) for p in (mc.get("stem_pool") or [1, 1])]]
+        if any(not 0 < d <= limits.max_dim for d in dims) or len(mc.get("channels") or []) > 64:
+            raise PackError(f"{where}: a feature/model dimension is outside 1..{limits.max_dim}")
+        x = table.get("data/X.npy") or {}
+        m = int((x.get("shape") or [0])[0])
+        frames = int(mc.get("num_frames", 298))
+        n_mels = int(mc.get("n_mels", 64))
+        for name in ("data/X.npy", "golden/inputs.npy", "calibration/X.npy"):
+            n = int(((table.get(name) or {}).get("shape") or [0])[0])
+            if n * n_mels * frames * 4 > limits.max_array_bytes:
+                raise PackError(f"{where}: {name} expands to {n} x {n_mels} x {frames} float32 "
+                                f"({n * n_mels * frames * 4 >> 20} MB), over the {limits.max_array_bytes >> 20} MB limit")
+        sched = manifest.get("schedule") or {}
+        epochs, batch = int(sched.get("epochs", 100)), int(sched.get("batch_size", 0))
+        per_epoch = 1 if batch <= 0 or batch >= m else -(-m // batch)
+        if not 0 < epochs <= limits.max_epochs or epochs * per_epoch > limits.max_train_steps:
+            raise PackError(f"{where}: schedule of {epochs} epochs x {per_epoch} steps is over the limit "
+                            f"({limits.max_epochs} epochs, {limits.max_train_steps} steps)")
+    except PackError:
+        raise
+    except (TypeError, ValueError, AttributeError, OverflowError, IndexError):
+        raise PackError(f"{where}: manifest feature/model/schedule fields are malformed") from None
+
+
+def _read_members(zf: zipfile.ZipFile, where: str, limits: PackLimits, size: int, verify=None) -> _Container:
     infos = zf.infolist()
     if len(infos) > limits.max_members:
         raise PackError(f"{where}: {len(infos)} members is over the limit of {limits.max_members}")
@@ -447,41 +565,32 @@ def _read_members(zf: zipfile.ZipFile, where: str, limits: PackLimits, size: int
 
     try:
         manifest_bytes = read(MANIFEST)
-        try:
-            manifest = json.loads(manifest_bytes.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise PackError(f"{where}: manifest is not valid JSON ({exc.__class__.__name__})") from None
+        manifest = _json_loads_bounded(manifest_bytes, "manifest", where)
         if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
             raise PackError(f"{where}: manifest does not describe an {FORMAT} (format={manifest.get('format') if isinstance(manifest, dict) else None!r})")
+        signature = None
+        if SIGNATURE in by_name:
+            if by_name[SIGNATURE].file_size > 4096:
+                raise PackError(f"{where}: signature member too large")
+            signature = parse_signature(read(SIGNATURE), where)
+        verdict = None
+        if verify is not None:   # the signature is checked before any other member is decompressed
+            verdict = verify(_Container(manifest_bytes, manifest, signature, {}, size))
         version = manifest.get("format_version")
         major = parse_version(version)[0]
         if major != SUPPORTED_MAJOR:
             raise PackError(f"{where}: pack format version {version} is not supported by this edge-ser "
                             f"(it reads {SUPPORTED_MAJOR}.x); {'upgrade edge-ser on this device' if major > SUPPORTED_MAJOR else 'rebuild the pack'}")
-        table = manifest.get("members")
-        if not isinstance(table, dict):
-            raise PackError(f"{where}: manifest has no member table")
+        _check_manifest_bounds(manifest, where, limits)
+        table = manifest["members"]
         listed = set(table)
         present = set(by_name) - {MANIFEST, SIGNATURE}
         if listed != present:
             missing, extra = sorted(listed - present), sorted(present - listed)
             raise PackError(f"{where}: members differ from the manifest (missing {missing[:5]}, unlisted {extra[:5]})")
-        signature = None
-        if SIGNATURE in by_name:
-            if by_name[SIGNATURE].file_size > 4096:
-                raise PackError(f"{where}: signature member too large")
-            try:
-                signature = json.loads(read(SIGNATURE).decode("utf-8"))
-                if not isinstance(signature, dict):
-                    raise ValueError
-                signature["_raw"] = base64.b64decode(str(signature.get("signature", "")), validate=True)
-            except Exception:
-                raise PackError(f"{where}: signature.json is malformed") from None
         arrays: Dict[str, np.ndarray] = {}
         for name in sorted(listed):
             entry = table[name]
-            if not isinstance(entry, dict) or not isinstance(entry.get("bytes"), int) or not isinstance(entry.get("sha256"), str):
-                raise PackError(f"{where}: manifest entry for {name!r} is malformed")
             data = read(name, entry["bytes"])
             if sha256_bytes(data) != entry["sha256"]:
                 raise PackError(f"{where}: member {name!r} fails its SHA-256 check (pack corrupted or tampered)")
@@ -493,22 +602,51 @@ def _read_members(zf: zipfile.ZipFile, where: str, limits: PackLimits, size: int
         raise
     except Exception as exc:  # zlib.error and friends from a damaged archive: still one clear line
         raise PackError(f"{where}: damaged pack ({type(exc).__name__}: {' '.join(str(exc).split())[:120]})") from None
-    return _Container(manifest_bytes, manifest, signature, arrays, size)
+    return _Container(manifest_bytes, manifest, signature, arrays, size, verdict)
+
+
+def parse_signature(data: bytes, where: str) -> dict:
+    """signature.json bytes -> dict with ``_raw`` (the 64 signature bytes); PackError when malformed."""
+    try:
+        if len(data) > 4096:
+            raise ValueError
+        signature = json.loads(data.decode("utf-8"))
+        if not isinstance(signature, dict):
+            raise ValueError
+        signature["_raw"] = base64.b64decode(str(signature.get("signature", "")), validate=True)
+    except Exception:
+        raise PackError(f"{where}: signature.json is malformed") from None
+    return signature
+
+
+def resolve_public_key(public_key=None):
+    """The key object to verify with: ``public_key`` (object, PEM path or bytes), else the installed
+    default, else None."""
+    from . import signing
+
+    if public_key is not None:
+        return public_key if hasattr(public_key, "verify") else signing.load_public_key(public_key)
+    if signing.default_public_key().exists():
+        return signing.load_public_key(signing.default_public_key())
+    return None
 
 
 def _check_signature(c: _Container, where: str, public_key, require_signature: Optional[bool]):
-    """Apply the signature policy. Returns (signed_and_verified, key_id)."""
+    """Apply the signature policy. Returns (signed_and_verified, key_id).
+
+    ``$EDGE_SER_ALLOW_UNSIGNED`` only helps where no public key is configured: with a key, a pack must
+    carry a signature that verifies under it, whatever the environment says."""
     from . import signing
 
+    from_env = require_signature is None
     if require_signature is None:
         require_signature = not _allow_unsigned_env()
-    pub = None
-    if public_key is not None:
-        pub = public_key if hasattr(public_key, "verify") else signing.load_public_key(public_key)
-    elif signing.default_public_key().exists():
-        pub = signing.load_public_key(signing.default_public_key())
+    pub = resolve_public_key(public_key)
     sig = c.signature
     if sig is None:
+        if pub is not None and from_env:      # only an explicit require_signature=False (code) may skip a key
+            raise PackError(f"{where}: pack is unsigned but a public key ({signing.key_id(pub)}) is configured; "
+                            f"refused ({ALLOW_UNSIGNED_ENV} does not override a configured key)")
         if require_signature:
             raise PackError(f"{where}: pack is unsigned; devices refuse unsigned packs "
                             f"(set {ALLOW_UNSIGNED_ENV}=1 only for local experiments)")
@@ -516,34 +654,56 @@ def _check_signature(c: _Container, where: str, public_key, require_signature: O
               "its origin is NOT verified")
         return False, None
     if sig.get("algorithm") != "ed25519":
-        raise PackError(f"{where}: unsupported signature algorithm {sig.get('algorithm')!r}")
+        raise PackError(f"{where}: unsupported signature algorithm {str(sig.get('algorithm'))[:40]!r}")
     if pub is None:
         if require_signature:
             raise PackError(f"{where}: no public key to verify the signature with: pass --public-key "
                             f"or install one at {signing.default_public_key()}")
         _warn(f"{where}: signature NOT verified (no public key configured); accepted because unsigned packs are allowed")
-        return False, str(sig.get("key_id"))
+        return False, str(sig.get("key_id"))[:64]
     if not signing.verify(c.manifest_bytes, sig["_raw"], pub):
         raise PackError(f"{where}: signature does not verify with public key {signing.key_id(pub)} "
                         f"(pack tampered, or signed by key {str(sig.get('key_id'))[:16]})")
     return True, signing.key_id(pub)
 
 
+def verify_manifest(manifest_bytes: bytes, signature_bytes: Optional[bytes], where: str, public_key=None,
+                    require_signature: Optional[bool] = None, limits: PackLimits = LIMITS):
+    """Check a manifest on its own (as an announcement carries it): size, JSON, format, signature policy,
+    and the derived-size caps. Returns ``(manifest, signed, key_id)``; PackError otherwise."""
+    if len(manifest_bytes) > limits.max_manifest_bytes:
+        raise PackError(f"{where}: manifest of {len(manifest_bytes)} bytes is over the limit")
+    manifest = _json_loads_bounded(manifest_bytes, "manifest", where)
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise PackError(f"{where}: not an {FORMAT} manifest")
+    signature = parse_signature(signature_bytes, where) if signature_bytes is not None else None
+    signed, kid = _check_signature(_Container(manifest_bytes, manifest, signature, {}, 0), where, public_key,
+                                   require_signature)
+    if parse_version(manifest.get("format_version"))[0] != SUPPORTED_MAJOR:
+        raise PackError(f"{where}: pack format version {manifest.get('format_version')} is not supported")
+    _check_manifest_bounds(manifest, where, limits)
+    if not isinstance(manifest.get("sequence"), int) or not 0 <= manifest["sequence"] < 1 << 63:
+        raise PackError(f"{where}: manifest sequence is not an integer in 0..2^63")
+    return manifest, signed, kid
+
+
 def load_pack(path, public_key=None, require_signature: Optional[bool] = None,
               limits: PackLimits = LIMITS) -> Pack:
-    """Load and fully verify a pack.
+    """Load and fully verify a pack: the manifest's signature first, then (only if it verifies) the
+    members, each against its SHA-256 in the manifest, within caps derived from the signed manifest.
 
     ``public_key``: PEM path/bytes or key object; default ``$EDGE_SER_HOME/signing.pub`` if present.
-    ``require_signature``: None (default) means required unless ``$EDGE_SER_ALLOW_UNSIGNED=1``; an
-    unsigned or unverifiable pack accepted by that opt-in is announced loudly on stderr.
+    ``require_signature``: None (default) means required unless ``$EDGE_SER_ALLOW_UNSIGNED=1`` and no
+    public key is configured; an unsigned or unverifiable pack accepted by that opt-in is announced
+    loudly on stderr.
 
     >>> pack = load_pack("demo.pack", public_key="~/.config/edge-ser/signing.pub")   # doctest: +SKIP
     """
     where = str(path)
-    c = _read_container(path, where, limits)
-    signed, kid = _check_signature(c, where, public_key, require_signature)
+    c = _read_container(path, where, limits,
+                        verify=lambda head: _check_signature(head, where, public_key, require_signature))
+    signed, kid = c.verdict
     return _build(c, where, signed, kid)
-
 
 def _build(c: _Container, where: str, signed: bool, kid: Optional[str]) -> Pack:
     m, a = c.manifest, c.arrays
@@ -600,11 +760,13 @@ def _build(c: _Container, where: str, signed: bool, kid: Optional[str]) -> Pack:
         if "input_norm.mean" not in theta or "input_norm.std" not in theta:
             raise PackError(f"{where}: a stem-resolution pack needs θ0's input_norm statistics")
         X, gi = (from_stem(v, theta, mc.stem_pool, shape) for v in (X, gi))
+    deployment = m.get("deployment") if isinstance(m.get("deployment"), dict) else None
     return Pack(path=where, pack_id=sha256_bytes(c.manifest_bytes), sequence=sequence,
                 format_version=str(m["format_version"]), classes=classes, feature_config=fc, model_config=mc,
                 schedule=sched, theta0=theta, theta0_sha256=theta_sha, X=X, y=y, golden_inputs=gi,
                 golden_logits=gl, golden_tolerance=tol, calibration=a.get("calibration/X.npy"),
-                provenance=provenance, signed=signed, key_id=kid, created=str(m.get("created", "")), manifest=m)
+                provenance=provenance, signed=signed, key_id=kid, created=str(m.get("created", "")), manifest=m,
+                deployment=deployment)
 
 
 def read_manifest(path, limits: PackLimits = LIMITS) -> Tuple[str, dict]:

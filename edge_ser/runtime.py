@@ -12,6 +12,7 @@ class names and feature config, read from the model folder's ``model.json`` or t
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Dict, Optional, Tuple
 
@@ -214,6 +215,10 @@ def load_runtime(path, runtime: Optional[str] = None, threads: int = 1) -> Runne
     if p.is_dir():
         info = _folder_meta(p)
         name = runtime or DEFAULT_RUNTIME
+        if runtime is None and ((info.get("files") or {}).get("onnx-int8") or {}).get("refused"):
+            sys.stderr.write(f"edge-ser: note: {p}: the int8 model was refused at training (it disagreed with "
+                             "fp32); using the fp32 model.onnx\n")
+            name = "onnx"
         f = p / RUNTIME_FILES[name]
         if not f.exists():
             have = [r for r, fn in RUNTIME_FILES.items() if (p / fn).exists()]

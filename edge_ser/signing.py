@@ -56,25 +56,51 @@ def keygen(out_dir: Optional[str] = None, name: str = "signing", force: bool = F
     if not name or "/" in name or name.startswith("."):
         raise ValueError(f"invalid key name {name!r}")
     folder = Path(out_dir).expanduser() if out_dir else home_dir()
-    folder.mkdir(parents=True, exist_ok=True)
+    _private_folder(folder)
     priv_path, pub_path = folder / f"{name}.key", folder / f"{name}.pub"
-    if not force and (priv_path.exists() or pub_path.exists()):
+    if not force and (os.path.lexists(priv_path) or os.path.lexists(pub_path)):   # a dangling symlink counts
         raise ValueError(f"key pair already exists at {priv_path}; use --force to overwrite it")
     private = ed25519.Ed25519PrivateKey.generate()
     priv_pem = private.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                      serialization.NoEncryption())
     pub_pem = private.public_key().public_bytes(serialization.Encoding.PEM,
                                                 serialization.PublicFormat.SubjectPublicKeyInfo)
-    tmp = priv_path.with_name(priv_path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(priv_pem)
-    os.replace(tmp, priv_path)
-    os.chmod(priv_path, 0o600)
-    pub_path.write_bytes(pub_pem)
+    _write_new(priv_path, priv_pem, 0o600)
+    _write_new(pub_path, pub_pem, 0o644)
     return {"ok": True, "private_key": str(priv_path), "public_key": str(pub_path),
             "key_id": key_id(private.public_key()),
             "note": f"keep {priv_path.name} on the server; copy {pub_path.name} to devices (--public-key)"}
+
+
+def _private_folder(folder: Path) -> None:
+    """Create ``folder`` mode 0700; an existing one that others may write to (where a symlink could be
+    planted) is tightened to 0700 when we own it, else refused."""
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    st = folder.stat()
+    if st.st_mode & 0o022:
+        if st.st_uid != os.getuid():
+            raise ValueError(f"{folder} is writable by others and not ours; refusing to write keys there")
+        os.chmod(folder, 0o700)
+
+
+def _write_new(path: Path, data: bytes, mode: int) -> None:
+    """Write ``path`` without following symlinks: a fresh temp file (O_CREAT|O_EXCL|O_NOFOLLOW) renamed over
+    ``path``; rename replaces a planted symlink itself instead of writing to its target."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), mode)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
 
 
 def load_private_key(path: KeyLike = None):

@@ -3,7 +3,9 @@
 Layout under the store folder (default ``$EDGE_SER_HOME/store`` if set, else ``~/.local/share/edge-ser``)::
 
     packs/<sequence>-<pack_id[:16]>.pack   at most two: current and previous
-    state.json                             the single source of truth: current, previous, max_sequence
+    state.json                             the single source of truth: current, previous, max_sequence,
+                                           trained (which pack the installed model was built from)
+    state.backup.json                      the same, written second: a damaged state.json is recovered from it
     current.pack                           convenience symlink to the current pack (rebuilt from state.json)
     incoming/                              transfers in progress (never used, cleared at start)
 
@@ -20,6 +22,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -56,7 +60,11 @@ class StoreError(RuntimeError):
 
 
 class PackStore:
-    """Atomic pack storage with one level of rollback."""
+    """Atomic pack storage with one level of rollback.
+
+    A damaged ``state.json`` (outside damage: it is only ever replaced atomically) is recovered from
+    ``state.backup.json``, else rebuilt from the pack files; the rollback floor never goes down in either
+    case (it is the highest of what the copies and the pack file names say)."""
 
     def __init__(self, root=None):
         self.root = Path(root).expanduser() if root else default_store_dir()
@@ -68,14 +76,56 @@ class PackStore:
 
     # ------------------------------------------------------------ state
     def state(self) -> dict:
-        try:
-            state = json.loads(self.state_file.read_text())
-            return state if isinstance(state, dict) else {}
-        except FileNotFoundError:
+        state = _read_json(self.state_file)
+        if state is not None:
+            return state
+        if not self.state_file.exists() and not self.backup_file.exists():
             return {}
-        except (ValueError, OSError):
-            # state.json is only ever replaced atomically, so this means outside damage
-            raise StoreError(f"{self.state_file} is unreadable; fix or remove it") from None
+        return self._recover()
+
+    @property
+    def backup_file(self) -> Path:
+        return self.root / "state.backup.json"
+
+    def _recover(self) -> dict:
+        """Rebuild state.json from the backup copy and the pack files, keeping the highest floor seen."""
+        backup = _read_json(self.backup_file) or {}
+        on_disk = []
+        for f in self.packs.glob("*.pack"):
+            seq, _, short = f.stem.partition("-")
+            if seq.isascii() and seq.isdigit() and short:
+                on_disk.append((int(seq), f.name))
+        on_disk.sort()
+        state = dict(backup)
+        names = {n for _, n in on_disk}
+        if not (state.get("current") or {}).get("file") in names:
+            state["current"] = None
+            for seq, name in reversed(on_disk):   # the newest whole pack file (the agent verifies it again)
+                try:
+                    from .packfile import read_manifest
+
+                    state["current"] = {"file": name, "pack_id": read_manifest(self.packs / name)[0], "sequence": seq}
+                    break
+                except Exception:
+                    continue
+        if (state.get("previous") or {}).get("file") not in names:
+            state["previous"] = None
+        floor = max([int(state.get("max_sequence", -1))] + [s for s, _ in on_disk])
+        state["max_sequence"] = floor
+        state["recovered"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        try:
+            os.replace(self.state_file, self.root / f"state.damaged.{int(time.time())}.json")
+        except OSError:
+            pass
+        self._write_state(state)
+        sys.stderr.write(f"edge-ser: WARNING: {self.state_file} was damaged; recovered (current "
+                         f"{(state.get('current') or {}).get('file')}, rollback floor {floor})\n")
+        return state
+
+    def _write_state(self, state: dict) -> None:
+        data = json.dumps(state, indent=1).encode()
+        atomic_write_bytes(self.state_file, data)
+        atomic_write_bytes(self.backup_file, data)    # second: one copy is whole at any instant
 
     def current(self) -> Optional[dict]:
         """``{"file", "pack_id", "sequence"}`` of the current pack, or None."""
@@ -138,7 +188,9 @@ class PackStore:
         fsync_dir(self.packs)
         new_state = {"current": {"file": name, "pack_id": pack_id, "sequence": sequence},
                      "previous": state.get("current"), "max_sequence": sequence}
-        atomic_write_bytes(self.state_file, json.dumps(new_state, indent=1).encode())
+        if state.get("trained"):
+            new_state["trained"] = state["trained"]       # the model in use stays recorded until a new one is built
+        self._write_state(new_state)
         self.cleanup()
         return final
 
@@ -149,9 +201,29 @@ class PackStore:
             raise StoreError("no previous pack to roll back to")
         new_state = {"current": state["previous"], "previous": None,
                      "max_sequence": state.get("max_sequence", -1)}
-        atomic_write_bytes(self.state_file, json.dumps(new_state, indent=1).encode())
+        if state.get("trained"):
+            new_state["trained"] = state["trained"]
+        self._write_state(new_state)
         self.cleanup()
         return new_state
+
+    def note_training(self, pack_id: str) -> int:
+        """Record that training of ``pack_id`` starts (counted, so a pack that kills the agent every time
+        is not retried forever). Returns the attempt number."""
+        state = self.state()
+        t = state.get("training") or {}
+        attempts = int(t.get("attempts", 0)) + 1 if t.get("pack_id") == pack_id else 1
+        state["training"] = {"pack_id": pack_id, "attempts": attempts}
+        self._write_state(state)
+        return attempts
+
+    def mark_trained(self, pack_id: str, model) -> None:
+        """Record that the model at ``model`` was built from ``pack_id`` (after it is complete on disk)."""
+        state = self.state()
+        state["trained"] = {"pack_id": pack_id, "model": str(model),
+                            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        state.pop("training", None)
+        self._write_state(state)
 
     def _link(self) -> None:
         """Point ``current.pack`` at the current pack (best effort; state.json is the truth)."""
@@ -172,6 +244,20 @@ class PackStore:
             os.replace(tmp, link)
         except OSError:
             pass
+
+
+def _read_json(path: Path) -> Optional[dict]:
+    """The dict in ``path``; None when missing, unreadable or not a JSON object."""
+    try:
+        data = path.read_bytes()
+        if len(data) > 1 << 20:
+            return None
+        state = json.loads(data.decode("utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return None
+    if not isinstance(state, dict) or not isinstance(state.get("max_sequence", -1), int):
+        return None
+    return state
 
 
 def _remove(path: Path) -> None:

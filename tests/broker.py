@@ -66,11 +66,47 @@ def make_ca(folder: Path, cn: str = "edge-ser test CA", host: str = "127.0.0.1")
     return folder / "ca.crt"
 
 
-class Broker:
-    """mosquitto with ``allow_anonymous false``, a password file, a plain and a TLS listener, persistence
-    on (so a restart keeps retained messages, as a real deployment would)."""
+REPO = Path(__file__).resolve().parents[1]
+SHIPPED_CONF = REPO / "server" / "mosquitto.conf"
+SHIPPED_ACL = REPO / "server" / "edge-ser.acl"
+PUBLISHER = "edge-ser-server"         # the ACL's publishing account
+MONITOR = "edge-ser-monitor"          # the ACL's read-only status account
+FLOODER = "edge-ser-flooder"          # test-only second publishing account: a leaked credential used concurrently
+DEVICES = ("dev1", "dev2", "faultdev", "soak", "demo-device")
 
-    def __init__(self, folder, username: str = "edge", password: str = "s3cret-pass"):
+
+def shipped_config(port: int, tls_port: int, folder: Path, pwfile: Path, aclfile: Path) -> str:
+    """server/mosquitto.conf as shipped, with only machine paths and ports replaced (and ``user root``: the
+    test runs as root in a container and its files are root's)."""
+    out = ["user root", f"log_dest file {folder / 'mosquitto.log'}"]
+    tls = folder / "tls"
+    for line in SHIPPED_CONF.read_text().splitlines():
+        key = line.split(" ", 1)[0]
+        if key == "password_file":
+            line = f"password_file {pwfile}"
+        elif key == "acl_file":
+            line = f"acl_file {aclfile}"
+        elif key == "persistence_location":
+            line = f"persistence_location {folder / 'data'}/"
+        elif key == "listener":
+            line = f"listener {port} 127.0.0.1" if "127.0.0.1" in line else f"listener {tls_port} 127.0.0.1"
+        elif key in ("cafile", "certfile", "keyfile"):
+            line = f"{key} {tls / {'cafile': 'ca.crt', 'certfile': 'server.crt', 'keyfile': 'server.key'}[key]}"
+        out.append(line)
+    return "\n".join(out) + "\n"
+
+
+class Broker:
+    """mosquitto on 127.0.0.1 with a plain and a TLS listener, persistence on, no anonymous clients, a
+    password per user: the publisher (``username``), the monitor, the devices in :data:`DEVICES`, and a
+    test-only second publisher (:data:`FLOODER`).
+
+    ``shipped=True`` (every pack-delivery test): the shipped ``server/mosquitto.conf`` and
+    ``server/edge-ser.acl`` with only paths and ports replaced (ACL per user, client id = username; FLOODER
+    is appended to the ACL). ``shipped=False``: no ACL, any client id (other uses such as ``listen
+    --broker``'s result topic, which the pack ACL does not cover)."""
+
+    def __init__(self, folder, username: str = PUBLISHER, password: str = "s3cret-pass", shipped: bool = False):
         if MOSQUITTO is None:
             pytest.skip("mosquitto not installed")
         self.dir = Path(folder)
@@ -80,12 +116,19 @@ class Broker:
         self.cafile = str(make_ca(self.dir / "tls"))
         self.pwfile = self.dir / "passwd"
         self.pwfile.write_text("")
-        subprocess.run([MOSQUITTO_PASSWD, "-b", str(self.pwfile), username, password], check=True,
-                       capture_output=True)
+        self.passwords = {u: f"{u}-pw" for u in (MONITOR, FLOODER) + DEVICES}
+        self.passwords[username] = password
+        for user, pw in self.passwords.items():
+            subprocess.run([MOSQUITTO_PASSWD, "-b", str(self.pwfile), user, pw], check=True, capture_output=True)
         os.chmod(self.pwfile, 0o600)
         (self.dir / "data").mkdir(exist_ok=True)
+        self.acl = self.dir / "edge-ser.acl"
+        self.acl.write_text(f"user {FLOODER}\ntopic readwrite ser/packs/#\n\n" + SHIPPED_ACL.read_text())
         self.conf = self.dir / "mosquitto.conf"
-        self.conf.write_text(f"""\
+        if shipped:
+            self.conf.write_text(shipped_config(self.port, self.tls_port, self.dir, self.pwfile, self.acl))
+        else:
+            self.conf.write_text(f"""\
 user root
 per_listener_settings false
 allow_anonymous false
@@ -103,6 +146,16 @@ certfile {self.dir / 'tls' / 'server.crt'}
 keyfile {self.dir / 'tls' / 'server.key'}
 """)
         self.proc = None
+
+    def device(self, name: str = "dev1", tls: bool = False) -> dict:
+        """Credentials of device ``name`` (its MQTT username is its device id)."""
+        d = {"username": name, "password": self.passwords[name]}
+        if tls:
+            d["cafile"] = self.cafile
+        return d
+
+    def user(self, name: str, tls: bool = False) -> dict:
+        return self.device(name, tls)
 
     @property
     def url(self) -> str:

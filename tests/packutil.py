@@ -41,3 +41,18 @@ def make_pack(path, private_key=None, seed: int = 0, ipc: int = 2, sequence=None
                 private_key=private_key)
     args.update(kw)
     return write_pack(Path(path), **args)
+
+
+def make_trainable_pack(path, private_key=None, sequence=None, deployment="ser/packs", seed: int = 0,
+                        epochs: int = 15, **kw) -> dict:
+    """A pack a device can really train (small ConvNet, golden logits from honest training, as
+    tests/_packlike.py builds them), written and signed like a server's."""
+    from _packlike import make_pack as packlike
+
+    p = packlike(epochs=epochs, seed=seed)
+    args = dict(X=p.X, y=p.y, classes=p.classes, feature_config=p.feature_config, model_config=p.model_config,
+                schedule=p.schedule, theta0=p.theta0, golden_inputs=p.golden_inputs, golden_logits=p.golden_logits,
+                golden_tolerance=p.golden_tolerance, calibration=p.calibration, provenance=p.provenance,
+                sequence=sequence, private_key=private_key, deployment=deployment)
+    args.update(kw)
+    return write_pack(Path(path), **args)

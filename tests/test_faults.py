@@ -31,7 +31,29 @@ pytestmark = [pytest.mark.faults]
 
 @pytest.fixture(autouse=True)
 def _private_cache(private_cache):
-    """Every test here caches under its own folder (``home`` and ``broker`` come from conftest)."""
+    """Every test here caches under its own folder (from conftest)."""
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch):
+    """A signing key pair in a private EDGE_SER_HOME (unsigned packs not allowed)."""
+    from edge_ser import signing
+    from edge_ser.packfile import ALLOW_UNSIGNED_ENV
+
+    monkeypatch.setenv("EDGE_SER_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("EDGE_SER_DEVICE_ID", "faultdev")
+    monkeypatch.delenv(ALLOW_UNSIGNED_ENV, raising=False)
+    return signing.keygen()
+
+
+@pytest.fixture
+def broker(tmp_path):
+    from broker import Broker
+
+    b = Broker(tmp_path / "broker", shipped=True)
+    b.start()
+    yield b
+    b.stop()
 
 
 def requires_mosquitto(fn):
@@ -448,8 +470,8 @@ def test_disk_full_in_the_agent_keeps_the_previous_pack(tmp_path, home, broker):
     store_dir = tmp_path / "store"
     PackStore(store_dir).commit(old, read_manifest(old)[0], 10, move=False)
     transport.publish(new, broker.url, "ser/packs", **broker.creds())
-    proc = cli("agent", "--broker", broker.url, "--topic", "ser/packs", "--username", broker.username,
-               "--password", broker.password, "--store", store_dir, "--public-key", home["public_key"],
+    proc = cli("agent", "--broker", broker.url, "--topic", "ser/packs", "--username", "faultdev",
+               "--password", broker.passwords["faultdev"], "--store", store_dir, "--public-key", home["public_key"],
                "--once", "--timeout", "20", preexec_fn=_limit_file_size(256 * 1024), timeout=90)
     line = one_error_line(proc)
     assert "File too large" in line or "No space" in line or "disk" in line.lower(), line
@@ -553,7 +575,7 @@ def test_lean_cli_restarts_itself_with_huge_pages_and_trains_the_same(tmp_path, 
 # ================================================================ MQTT
 
 def _agent_args(b, store, public_key, url=None, **over):
-    args = {"--broker": url or b.url, "--topic": "ser/packs", "--username": b.username, "--password": b.password,
+    args = {"--broker": url or b.url, "--topic": "ser/packs", "--username": "faultdev", "--password": b.passwords["faultdev"],
             "--store": store, "--public-key": public_key, "--timeout": "15"}
     args.update(over)
     return [x for k, v in args.items() if v is not None for x in (k, v)]
@@ -605,11 +627,11 @@ def test_agent_started_before_the_broker_retries_then_receives(tmp_path, home):
     from edge_ser.packfile import read_manifest
     from edge_ser.store import PackStore
 
-    b = Broker(tmp_path / "late-broker")
+    b = Broker(tmp_path / "late-broker", shipped=True)
     p, = _packs(tmp_path, home, 30)
     result = {}
     agent = transport.Agent(b.url, "ser/packs", store=tmp_path / "store", public_key=home["public_key"],
-                            verbose=False, **b.creds())
+                            verbose=False, **b.device("faultdev"))
     t = threading.Thread(target=lambda: result.update(agent.run(once=True, timeout=40)), daemon=True)
     t.start()
     try:
@@ -657,7 +679,7 @@ def test_junk_flood_during_delivery_agent_stores_pack_with_bounded_memory(tmp_pa
         sent = [0]
 
         def flood():
-            conn = transport._Connection(broker.url, f"junk-{os.getpid()}", **broker.creds())
+            conn = transport._Connection(broker.url, f"junk-{os.getpid()}", **broker.user("edge-ser-flooder"))
             conn.open(10)
             try:
                 for i in range(4000):
@@ -710,12 +732,12 @@ def test_junk_flood_during_delivery_agent_stores_pack_with_bounded_memory(tmp_pa
     assert list(store.incoming.iterdir()) == []
 
 
-def _status(b, device="testdev") -> str:
+def _status(b, device="faultdev") -> str:
     """The retained status message of ``device`` on the broker ('' when none)."""
     from edge_ser import transport
 
     got = {}
-    conn = transport._Connection(b.url, f"peek-{time.monotonic_ns()}", **b.creds(),
+    conn = transport._Connection(b.url, f"peek-{time.monotonic_ns()}", **b.user("edge-ser-monitor"),
                                  on_message=lambda c, u, m: got.__setitem__(m.topic, bytes(m.payload)))
     conn.open(10)
     try:

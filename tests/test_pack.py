@@ -190,6 +190,9 @@ def test_unsigned_refused_unless_opted_in(tmp_path, home, monkeypatch, capsys):
     p = P.load_pack(info["path"], require_signature=False)
     assert not p.signed and "UNSIGNED" in capsys.readouterr().err
     monkeypatch.setenv(P.ALLOW_UNSIGNED_ENV, "1")
+    with pytest.raises(P.PackError, match="does not override"):   # the env cannot weaken an installed key
+        P.load_pack(info["path"])
+    monkeypatch.setenv("EDGE_SER_HOME", str(tmp_path / "no-key-here"))
     assert P.load_pack(info["path"]).signed is False
 
 

@@ -72,12 +72,12 @@ def test_agent_process_soaks_200_versions_with_broker_restarts(tmp_path, monkeyp
     rng = np.random.default_rng(8)
     restart_at = set(rng.choice(np.arange(10, VERSIONS - 5), size=RESTARTS, replace=False).tolist())
 
-    broker = Broker(tmp_path / "broker").start()
+    broker = Broker(tmp_path / "broker", shipped=True).start()
     store_dir = tmp_path / "store"
     log = open(tmp_path / "agent.log", "w+")
     env = dict(os.environ, PYTHONPATH=str(REPO), EDGE_SER_DEVICE_ID="soak")
     agent = subprocess.Popen([sys.executable, "-m", "edge_ser", "agent", "--broker", broker.url, "--topic", "ser/packs",
-                              "--username", broker.username, "--password", broker.password, "--store", str(store_dir),
+                              "--username", "soak", "--password", broker.passwords["soak"], "--store", str(store_dir),
                               "--public-key", keys["public_key"], "--timeout", "30"],
                              cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=log)
 
@@ -134,7 +134,7 @@ def test_agent_process_soaks_200_versions_with_broker_restarts(tmp_path, monkeyp
     assert cur["sequence"] == 1000 + VERSIONS - 1 and prev and prev["sequence"] < cur["sequence"]
     assert load_pack(store.current_path(), public_key=keys["public_key"]).sequence == cur["sequence"]
     assert load_pack(store.packs / prev["file"], public_key=keys["public_key"]).sequence == prev["sequence"]
-    assert store_tree(store_dir) == sorted(["current.pack", "incoming", "packs", "state.json",
+    assert store_tree(store_dir) == sorted(["current.pack", "incoming", "packs", "state.json", "state.backup.json",
                                             f"packs/{cur['file']}", f"packs/{prev['file']}"]), store_tree(store_dir)
     assert os.readlink(store_dir / "current.pack") == f"packs/{cur['file']}"
 

@@ -37,7 +37,7 @@ def home(tmp_path, monkeypatch):
 
 @pytest.fixture
 def broker(tmp_path):
-    b = Broker(tmp_path / "broker")
+    b = Broker(tmp_path / "broker", shipped=True)
     b.start()
     yield b
     b.stop()
@@ -53,7 +53,7 @@ class AgentThread:
 
     def __init__(self, b: Broker, store, tls=True, once=False, timeout=30, **kw):
         url = b.tls_url if tls else b.url
-        self.agent = transport.Agent(url, "ser/packs", store=store, verbose=False, **b.creds(tls), **kw)
+        self.agent = transport.Agent(url, "ser/packs", store=store, verbose=False, **b.device("dev1", tls), **kw)
         self.stop = threading.Event()
         self.result, self.error = None, None
         self.thread = threading.Thread(target=self._run, args=(once, timeout), daemon=True)
@@ -100,7 +100,7 @@ def announcement_and_chunks(path: Path, chunk_size=20_000):
 
 def retained(b: Broker, pattern: str, wait=1.0) -> dict:
     got = {}
-    conn = transport._Connection(b.url, f"peek-{time.monotonic_ns()}", **b.creds(),
+    conn = transport._Connection(b.url, f"peek-{time.monotonic_ns()}", **b.user("edge-ser-monitor"),
                                  on_message=lambda c, u, m: got.__setitem__(m.topic, bytes(m.payload)))
     conn.open(10)
     conn.client.subscribe(pattern, qos=1)
@@ -133,13 +133,14 @@ def test_server_broker_device_tls_password(tmp_path, home, broker):
 def test_cli_publish_and_agent_subprocess(tmp_path, home, broker):
     """The two commands a user types, as separate processes, over mqtts:// with a password."""
     pack = build(tmp_path, home, "v1.pack", 5)
-    env = dict(os.environ, PYTHONPATH=str(REPO), EDGE_SER_MQTT_PASSWORD=broker.password)
-    common = ["--broker", broker.tls_url, "--topic", "ser/packs", "--username", broker.username,
-              "--cafile", broker.cafile, "--json", "--timeout", "30"]
+    env = dict(os.environ, PYTHONPATH=str(REPO), EDGE_SER_MQTT_CAFILE=broker.cafile)
+    common = ["--broker", broker.tls_url, "--topic", "ser/packs", "--json", "--timeout", "30"]
     agent = subprocess.Popen([sys.executable, "-m", "edge_ser", "agent", "--once", "--store", str(tmp_path / "s"),
-                              "--public-key", home["public_key"]] + common, env=env, stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True)
-    pub = subprocess.run([sys.executable, "-m", "edge_ser", "publish", str(pack)] + common, env=env,
+                              "--public-key", home["public_key"]] + common,
+                             env=dict(env, EDGE_SER_MQTT_USERNAME="dev1", EDGE_SER_MQTT_PASSWORD=broker.passwords["dev1"]),
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    pub = subprocess.run([sys.executable, "-m", "edge_ser", "publish", str(pack)] + common,
+                         env=dict(env, EDGE_SER_MQTT_USERNAME=broker.username, EDGE_SER_MQTT_PASSWORD=broker.password),
                          capture_output=True, text=True, timeout=60)
     assert pub.returncode == 0, pub.stderr
     out, err = agent.communicate(timeout=60)
@@ -160,10 +161,10 @@ def test_late_joiner_gets_newest_and_old_chunks_cleared(tmp_path, home, broker):
     with pytest.raises(ValueError, match="already announces pack sequence 200"):
         transport.publish(v1, broker.tls_url, "ser/packs", **creds)
     res = transport.Agent(broker.tls_url, "ser/packs", store=tmp_path / "late", public_key=home["public_key"],
-                          verbose=False, **creds).run(once=True, timeout=20)
+                          verbose=False, **broker.device("dev1", True)).run(once=True, timeout=20)
     assert res["state"] == "stored" and res["pack_id"] == p2["pack_id"] and res["sequence"] == 200
     again = transport.Agent(broker.tls_url, "ser/packs", store=tmp_path / "late", public_key=home["public_key"],
-                            verbose=False, **creds).run(once=True, timeout=20)
+                            verbose=False, **broker.device("dev1", True)).run(once=True, timeout=20)
     assert again["state"] == "up-to-date"
 
 
@@ -196,34 +197,42 @@ def test_replayed_older_version_and_tampered_pack_refused(tmp_path, home, broker
     agent = AgentThread(broker, tmp_path / "store", tls=False, public_key=home["public_key"])
     transport.publish(new, broker.url, "ser/packs", **broker.creds())
     agent.wait_for(lambda: PackStore(tmp_path / "store").current() is not None)
-    # an attacker replays the old (validly signed) pack with a *forged* high announcement sequence
+    # an attacker replays the old (validly signed) pack with a *forged* high announcement sequence:
+    # the announcement's signed manifest says 400, so it is junk before a byte is downloaded
     ann, chunks, a = announcement_and_chunks(old)
     forged = json.loads(ann[1])
     forged["sequence"] = 10 ** 15
+    junk_before = agent.agent.junk
     raw(broker, chunks + [("ser/packs/announce", json.dumps(forged).encode(), True)])
-    agent.wait_for(lambda: any(r.get("pack_id") == a["pack_id"] for r in agent.agent.results))
-    res = [r for r in agent.agent.results if r.get("pack_id") == a["pack_id"]][-1]
-    assert res["state"] == "refused" and "not newer" in res["error"]
-    # a tampered pack with consistent transfer hashes: the pack check refuses it
-    bad_bytes = bytearray(build(tmp_path, home, "newer.pack", 600).read_bytes())
-    bad_bytes[len(bad_bytes) // 2] ^= 0x40
-    tampered = tmp_path / "tampered.pack"
-    tampered.write_bytes(bytes(bad_bytes))
-    data = bytes(bad_bytes)
-    import hashlib
-
-    fake_id = hashlib.sha256(b"x").hexdigest()
-    ann2 = transport.make_announcement(data, fake_id, 600, 20_000)
-    raw(broker, [(f"ser/packs/chunks/{fake_id}/{i}", data[i * 20_000:(i + 1) * 20_000], True)
+    agent.wait_for(lambda: agent.agent.junk > junk_before)
+    assert agent.agent.transfer is None
+    # the honest replay (sequence 400 as signed) is refused as not newer, also before any download
+    raw(broker, [ann])
+    agent.wait_for(lambda: "not newer" in _status(broker))
+    assert agent.agent.transfer is None
+    # a tampered pack in transit with consistent transfer hashes: the pack check refuses it
+    newer = build(tmp_path, home, "newer.pack", 600)
+    bad = bytearray(newer.read_bytes())
+    bad[len(bad) // 2] ^= 0x40
+    pack_id = P.read_manifest(newer)[0]
+    ann2 = transport.make_announcement(bytes(bad), pack_id, 600, 20_000)
+    raw(broker, [(f"ser/packs/chunks/{pack_id}/{i}", bytes(bad[i * 20_000:(i + 1) * 20_000]), True)
                  for i in range(ann2["chunks"])] + [("ser/packs/announce", json.dumps(ann2).encode(), True)])
-    agent.wait_for(lambda: any(r.get("pack_id") == fake_id for r in agent.agent.results))
-    agent.close()
-    res = [r for r in agent.agent.results if r.get("pack_id") == fake_id][-1]
+    agent.wait_for(lambda: any(r.get("pack_id") == pack_id for r in agent.agent.results))
+    res = [r for r in agent.agent.results if r.get("pack_id") == pack_id][-1]
     assert res["state"] == "refused" and ("SHA-256" in res["error"] or "damaged" in res["error"]
                                           or "corrupt" in res["error"]), res
+    # ... and the genuine pack under the same id is not refused for it (refusals are keyed by content)
+    transport.publish(newer, broker.url, "ser/packs", **broker.creds())
+    agent.wait_for(lambda: (PackStore(tmp_path / "store").current() or {}).get("sequence") == 600)
+    agent.close()
     store = PackStore(tmp_path / "store")
-    assert store.current()["sequence"] == 500 and P.load_pack(store.current_path(), public_key=home["public_key"])
+    assert P.load_pack(store.current_path(), public_key=home["public_key"]).sequence == 600
     assert list(store.incoming.iterdir()) == []
+
+
+def _status(b, device="dev1") -> str:
+    return retained(b, f"ser/packs/status/{device}", wait=0.3).get(f"ser/packs/status/{device}", b"").decode()
 
 
 @requires_mosquitto
@@ -264,10 +273,10 @@ def test_junk_flood_does_not_stop_delivery(tmp_path, home, broker):
 def test_wrong_credentials_wrong_ca_broker_down(tmp_path, home, broker):
     pack = build(tmp_path, home, "v1.pack", 1)
     with pytest.raises(transport.TransportError, match="refused the connection.*(authori|password)"):
-        transport.publish(pack, broker.url, "ser/packs", username="edge", password="wrong", timeout=10)
+        transport.publish(pack, broker.url, "ser/packs", username=broker.username, password="wrong", timeout=10)
     other_ca = str(__import__("broker").make_ca(tmp_path / "otherca"))
     with pytest.raises(transport.TransportError, match="not trusted"):
-        transport.publish(pack, broker.tls_url, "ser/packs", username="edge", password=broker.password,
+        transport.publish(pack, broker.tls_url, "ser/packs", username=broker.username, password=broker.password,
                           cafile=other_ca, timeout=10)
     with pytest.raises(transport.TransportError, match="cannot reach MQTT broker"):
         transport.publish(pack, f"mqtt://127.0.0.1:{free_port()}", "ser/packs", timeout=2)
@@ -383,7 +392,7 @@ def test_agent_sigkilled_mid_transfer_then_recovers(tmp_path, home, broker):
     PackStore(store_dir).commit(v1, P.read_manifest(v1)[0], 100, move=False)
     env = dict(os.environ, PYTHONPATH=str(REPO))
     cmd = [sys.executable, "-m", "edge_ser", "agent", "--broker", broker.url, "--topic", "ser/packs",
-           "--username", broker.username, "--password", broker.password, "--store", str(store_dir),
+           "--username", "dev1", "--password", broker.passwords["dev1"], "--store", str(store_dir),
            "--public-key", home["public_key"], "--timeout", "30"]
     agent = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
@@ -399,7 +408,38 @@ def test_agent_sigkilled_mid_transfer_then_recovers(tmp_path, home, broker):
     assert store.current()["sequence"] in (100, 200)
     assert P.load_pack(store.current_path(), public_key=home["public_key"]).sequence == store.current()["sequence"]
     res = transport.Agent(broker.url, "ser/packs", store=store_dir, public_key=home["public_key"], verbose=False,
-                          **broker.creds()).run(once=True, timeout=20)
+                          **broker.device("dev1")).run(once=True, timeout=20)
     assert res["state"] in ("stored", "up-to-date") and PackStore(store_dir).current()["sequence"] == 200
     assert list(PackStore(store_dir).incoming.iterdir()) == []
 
+
+
+@requires_mosquitto
+def test_mqtt_client_streams_results_for_listen(tmp_path, broker):
+    """The one MQTT client also serves a stream of results (what `listen --broker` needs): queued without
+    waiting, flushed with a bound, over TLS with a CA file and credentials from the environment."""
+    got = []
+    sub = transport.Client(broker.url, "sub", **broker.user("edge-ser-monitor"),
+                           on_message=lambda c, u, m: got.append(bytes(m.payload)))
+    sub.open(10)
+    sub.client.subscribe("ser/packs/status/#", qos=1)
+    time.sleep(0.3)
+    env = {"EDGE_SER_MQTT_USERNAME": "dev2", "EDGE_SER_MQTT_PASSWORD": broker.passwords["dev2"],
+           "EDGE_SER_MQTT_CAFILE": broker.cafile}
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        c = transport.Client(broker.tls_url, "ignored", max_queued=100)
+        c.open(10)
+        for i in range(25):
+            c.publish_nowait("ser/packs/status/dev2", json.dumps({"i": i}).encode())
+        assert c.flush(10) == 0
+        c.close()
+    finally:
+        for k, v in old.items():
+            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+    deadline = time.monotonic() + 5
+    while len(got) < 25 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    sub.close()
+    assert [json.loads(g)["i"] for g in got] == list(range(25))
