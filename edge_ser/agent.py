@@ -28,8 +28,7 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Optional
 
-from .chunks import (DEFAULT_MAX_PACK_BYTES, MAX_ANNOUNCE_BYTES, MAX_CHUNK, Reassembler, chunk_index,
-                     parse_announcement)
+from .chunks import DEFAULT_MAX_PACK_BYTES, MAX_ANNOUNCE_BYTES, MAX_CHUNK, Reassembler, chunk_index, parse_announcement
 from .mqtt import Client, TransportError, topics
 
 STALL_SECONDS = 5.0          # no chunk for this long: re-subscribe (retained chunks come again)
@@ -352,7 +351,7 @@ class Agent:
                 self.transfer = None
 
     def _complete(self) -> dict:
-        from .packfile import check_deployment, load_pack
+        from .packfile import check_deployment, load_pack, privacy_line
 
         r, a = self.transfer, self.transfer.a
         self.conn.client.unsubscribe(f"{self.t['chunks']}/{a['pack_id']}/+")
@@ -379,8 +378,11 @@ class Agent:
             return {"ok": False, "state": "refused", "pack_id": a["pack_id"], "error": msg}
         result = {"ok": True, "state": "stored", "pack_id": pack.pack_id, "sequence": pack.sequence,
                   "path": str(stored), "bytes": a["size"], "signed": pack.signed, "key_id": pack.key_id,
-                  "duplicates": r.duplicates, "rejected_chunks": r.rejected}
-        self.status("stored", trained=False if self.train else None)
+                  "duplicates": r.duplicates, "rejected_chunks": r.rejected,
+                  "privacy": privacy_line(pack.provenance)}
+        if self.verbose:
+            _log(f"privacy: {result['privacy']}")
+        self.status("stored", trained=False if self.train else None, privacy=result["privacy"])
         if self.train:
             result["train"] = self._train(pack)
         self._next()

@@ -213,8 +213,8 @@ class MicSource:
         errors = []
         for r in rates:
             try:
-                self._call(lambda: self.sd.check_input_settings(device=self.info["index"], channels=1,
-                                                                dtype="int16", samplerate=r), "checking a sample rate")
+                self._call(lambda r=r: self.sd.check_input_settings(device=self.info["index"], channels=1,
+                                                                    dtype="int16", samplerate=r), "checking a sample rate")
                 return int(r)
             except DeviceWedged:
                 raise
@@ -296,11 +296,11 @@ class FileSource:
     (lossless back-pressure) or, with ``realtime``, paced like a microphone."""
 
     def __init__(self, path, realtime: bool = False, block_seconds: float = 0.064):
+        import os
+
         import soundfile as sf
 
         from .audio import AudioError
-
-        import os
 
         if not os.path.exists(path):        # libsndfile would only say "System error."
             raise AudioError(path, "no such file; check the path (--file wants a wav/flac/ogg file)")

@@ -93,7 +93,6 @@ def _sounddevice() -> Dict[str, Any]:
 def _onnx_inference() -> Dict[str, Any]:
     """Build a 1-conv ONNX graph with the onnx helper and run it: proves ORT executes here."""
     import numpy as np
-    import onnx
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 

@@ -24,9 +24,9 @@ def evaluate(model, corpus, speakers: Optional[str] = None, fmt: Optional[str] =
     ``progress`` shows the feature extraction of a corpus not yet in the cache on stderr.
     """
     from .corpora import load_features
+    from .corpora.problems import check_corpus_path, report_problems
     from .data import normalise_speaker, parse_speakers
     from .metrics import scores
-    from .corpora.problems import check_corpus_path, report_problems
     from .runtime import load_runtime
 
     check_corpus_path(corpus, fmt)

@@ -452,15 +452,17 @@ def is_fully_integer(graph: Dict) -> bool:
 
 def _interpreter_class():
     try:
-        from ai_edge_litert.interpreter import Interpreter
         from importlib.metadata import version
+
+        from ai_edge_litert.interpreter import Interpreter
 
         return Interpreter, f"ai-edge-litert {version('ai-edge-litert')}"
     except ImportError:
         pass
     try:
-        from tflite_runtime.interpreter import Interpreter
         from importlib.metadata import version
+
+        from tflite_runtime.interpreter import Interpreter
 
         return Interpreter, f"tflite-runtime {version('tflite-runtime')}"
     except ImportError:

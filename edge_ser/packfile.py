@@ -567,7 +567,8 @@ def _read_members(zf: zipfile.ZipFile, where: str, limits: PackLimits, size: int
         manifest_bytes = read(MANIFEST)
         manifest = _json_loads_bounded(manifest_bytes, "manifest", where)
         if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-            raise PackError(f"{where}: manifest does not describe an {FORMAT} (format={manifest.get('format') if isinstance(manifest, dict) else None!r})")
+            found = manifest.get("format") if isinstance(manifest, dict) else None
+            raise PackError(f"{where}: manifest does not describe an {FORMAT} (format={found!r})")
         signature = None
         if SIGNATURE in by_name:
             if by_name[SIGNATURE].file_size > 4096:

@@ -256,7 +256,6 @@ def copies(P: np.ndarray, p_labels: np.ndarray, R: np.ndarray, r_labels: np.ndar
 
 def _device_model(pack, X: np.ndarray, y: np.ndarray, schedule, seed: int = 0):
     """θ0 of ``pack`` trained on (X, y) with ``schedule``, as a device does."""
-    import torch
 
     from .models import build_model, load_state_arrays
     from .schedule import train_schedule

@@ -134,7 +134,7 @@ class TorchRunner(Runner):
 
     def __init__(self, path, threads: Optional[int] = None):
         try:
-            import torch
+            import torch  # noqa: F401 (only whether it is installed)
         except ImportError:
             raise RuntimeUnavailable("torch is not installed (only needed for --runtime torch): "
                                      "pip install torch --index-url https://download.pytorch.org/whl/cpu") from None

@@ -98,7 +98,7 @@ class PackStore:
         on_disk.sort()
         state = dict(backup)
         names = {n for _, n in on_disk}
-        if not (state.get("current") or {}).get("file") in names:
+        if (state.get("current") or {}).get("file") not in names:
             state["current"] = None
             for seq, name in reversed(on_disk):   # the newest whole pack file (the agent verifies it again)
                 try:

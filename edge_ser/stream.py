@@ -20,10 +20,17 @@ from typing import Deque, Dict, Iterator, List, Optional, Tuple
 import numpy as np
 
 from .audio import StreamingResampler
-from .capture import (FALLBACK_RATES, DeviceWedged, FileSource, MicSource, RingBuffer,  # noqa: F401 (re-exported)
-                      _bounded, list_input_devices, resolve_device)
+from .capture import (  # noqa: F401 (re-exported)
+    FALLBACK_RATES,
+    DeviceWedged,
+    FileSource,
+    MicSource,
+    RingBuffer,
+    _bounded,
+    list_input_devices,
+    resolve_device,
+)
 from .features import extract
-
 
 # ---------------------------------------------------------------- results and configuration
 

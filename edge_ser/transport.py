@@ -7,10 +7,17 @@ of the old module.
 """
 from __future__ import annotations
 
-from .agent import (QUEUE_MAX, QUEUE_MAX_BYTES, STALL_SECONDS, TRANSFER_TIMEOUT, Agent, device_id,  # noqa: F401
-                    run_agent)
-from .chunks import (DEFAULT_MAX_PACK_BYTES, MAX_ANNOUNCE_BYTES, MAX_CHUNK, Reassembler, chunk_index,  # noqa: F401
-                     make_announcement, parse_announcement, publish)
+from .agent import QUEUE_MAX, QUEUE_MAX_BYTES, STALL_SECONDS, TRANSFER_TIMEOUT, Agent, device_id, run_agent  # noqa: F401
+from .chunks import (  # noqa: F401
+                    DEFAULT_MAX_PACK_BYTES,
+                    MAX_ANNOUNCE_BYTES,
+                    MAX_CHUNK,
+                    Reassembler,
+                    chunk_index,
+                    make_announcement,
+                    parse_announcement,
+                    publish,
+)
 from .mqtt import Client, TransportError, parse_broker, parse_broker_url, topics  # noqa: F401
 
 _Connection = Client     # the old private name, still used by tests and tools

@@ -21,9 +21,10 @@ import numpy as np
 
 
 def seed_corpus(folder: str) -> None:
+    from packutil import make_pack
+
     from edge_ser.config import FeatureConfig
     from edge_ser.signing import keygen
-    from packutil import make_pack
 
     os.makedirs(folder, exist_ok=True)
     tiny = FeatureConfig(n_mels=8, clip_seconds=0.05, f_max=4000.0)

@@ -6,7 +6,6 @@ import json
 import time
 
 import pytest
-
 from test_faults import cli, one_error_line, small_corpus, wav
 from test_stream import linear_model  # noqa: F401 (a fixture: a real ONNX model with classes low/high)
 

@@ -10,7 +10,7 @@ import pytest
 import soundfile as sf
 
 from edge_ser.config import FeatureConfig
-from edge_ser.corpora import CorpusError, LAYOUTS, Corpus, load_features, open_corpus
+from edge_ser.corpora import LAYOUTS, Corpus, CorpusError, load_features, open_corpus
 from edge_ser.corpora.report import corpus_info, format_report
 
 SMALL = FeatureConfig(clip_seconds=0.5)   # tiny features keep these tests fast
@@ -203,12 +203,19 @@ def bad_corpus(root):
     build(root, good)
     bad = {}
     p = wav(root / "Actor_01/03-01-05-01-02-01-01.wav", seed=50)        # corrupt header
-    data = bytearray(p.read_bytes()); data[:4] = b"JUNK"; p.write_bytes(bytes(data))
+    data = bytearray(p.read_bytes())
+    data[:4] = b"JUNK"
+    p.write_bytes(bytes(data))
     bad["corrupt"] = p
     p = wav(root / "Actor_01/03-01-04-01-02-01-01.wav", seed=51, seconds=1.0)   # truncated
-    p.write_bytes(p.read_bytes()[:3000]); bad["truncated"] = p
-    p = root / "Actor_02/03-01-05-01-02-01-02.wav"; p.write_bytes(b""); bad["zero"] = p
-    p = root / "Actor_02/03-01-04-01-02-01-02.wav"; p.write_text("not audio at all\n" * 20); bad["nonaudio"] = p
+    p.write_bytes(p.read_bytes()[:3000])
+    bad["truncated"] = p
+    p = root / "Actor_02/03-01-05-01-02-01-02.wav"
+    p.write_bytes(b"")
+    bad["zero"] = p
+    p = root / "Actor_02/03-01-04-01-02-01-02.wav"
+    p.write_text("not audio at all\n" * 20)
+    bad["nonaudio"] = p
     bad["mislabeled"] = wav(root / "Actor_02/03-01-09-01-01-02-02.wav", seed=52)   # emotion 09 does not exist
     bad["unparseable"] = wav(root / "Actor_02/take_two.wav", seed=53)
     return good, bad

@@ -6,7 +6,6 @@ import json
 import time
 
 import pytest
-
 from test_faults import cli
 
 

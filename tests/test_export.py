@@ -5,8 +5,8 @@ import json
 
 import numpy as np
 import pytest
-
 from _packlike import class_data, make_pack
+
 from edge_ser.local import train_from_pack
 
 

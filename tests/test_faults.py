@@ -306,9 +306,9 @@ def test_empty_class_folder_is_left_out_with_a_problem_line(tmp_path):
 def test_single_speaker_refused_at_split(tmp_path, home):
     """One speaker only: ``corpus info`` warns, and ``pack`` refuses (one line, exit 1, no file
     written) before any distillation, with the default split and with the speaker held out explicitly."""
-    from edge_ser.packer import pack
     from edge_ser.corpora import load_features
     from edge_ser.data import default_test_speakers
+    from edge_ser.packer import pack
 
     root = small_corpus(tmp_path / "c", speakers=("anna",), per=3)
     fs, problems = load_features(root, SMALL, workers=1)
@@ -556,6 +556,7 @@ def test_lean_cli_restarts_itself_with_huge_pages_and_trains_the_same(tmp_path, 
     if not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc":
         pytest.skip("the restart with GLIBC_TUNABLES is for Linux/glibc only")
     from _packlike import make_pack as trained_pack
+
     from edge_ser.packfile import write_pack
 
     p = trained_pack()
@@ -623,6 +624,7 @@ def test_agent_started_before_the_broker_retries_then_receives(tmp_path, home):
     """Broker down when the agent starts: it keeps retrying within its timeout and stores the pack
     once the broker is up."""
     from broker import Broker
+
     from edge_ser import transport
     from edge_ser.packfile import read_manifest
     from edge_ser.store import PackStore

@@ -15,11 +15,11 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from packutil import CLASSES, make_pack
 
 import edge_ser.packfile as P
 from edge_ser import signing
 from edge_ser.config import FeatureConfig
-from packutil import CLASSES, make_pack
 
 TINY = FeatureConfig(n_mels=8, clip_seconds=0.05, f_max=4000.0)   # (8, 3) log-Mels: packs of a few KB
 

@@ -8,11 +8,19 @@ import sys
 
 import numpy as np
 import pytest
-
-from edge_ser.privacy import (AuditConfig, AuditError, attack_summary, audit, auc, confidence_scores, copies,
-                              lira_scores, tpr_at_fpr)
-
 from conftest import REPO
+
+from edge_ser.privacy import (
+    AuditConfig,
+    AuditError,
+    attack_summary,
+    auc,
+    audit,
+    confidence_scores,
+    copies,
+    lira_scores,
+    tpr_at_fpr,
+)
 
 SMALL_FEATURES = dict(clip_seconds=1.0)      # (64, 98) log-Mels keep every training here to seconds
 QUICK = AuditConfig(reid_epochs=12, audio_examples=1, griffin_lim_iters=8)

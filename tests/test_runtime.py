@@ -5,8 +5,8 @@ import json
 
 import numpy as np
 import pytest
-
 from _packlike import CLASSES, FEATURES, class_data, make_pack
+
 from edge_ser.local import train_from_pack
 
 
@@ -63,7 +63,7 @@ def _tiny_ravdess(root, rng):
     for actor in (1, 2, 3):
         d = root / f"Actor_{actor:02d}"
         d.mkdir(parents=True)
-        for ci, (name, code) in enumerate(codes.items()):
+        for ci, code in enumerate(codes.values()):
             for rep in (1, 2):
                 f0 = 300 * (ci + 1) * (1.5 ** ci)
                 wave = 0.3 * np.sin(2 * np.pi * f0 * t) + 0.01 * rng.standard_normal(len(t))
@@ -86,7 +86,6 @@ def test_evaluate_on_tiny_corpus(model_dir, tmp_path):
 
 
 def test_evaluate_refuses_disjoint_classes(model_dir, tmp_path):
-    import onnx
 
     from edge_ser.evaluate import evaluate
     from edge_ser.export import set_onnx_metadata

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from broker import Broker, requires_mosquitto
 
 REPO = Path(__file__).resolve().parents[1]
@@ -56,11 +55,12 @@ def store_tree(root: Path) -> list:
 
 @requires_mosquitto
 def test_agent_process_soaks_200_versions_with_broker_restarts(tmp_path, monkeypatch):
+    from packutil import make_pack
+
     from edge_ser import signing, transport
     from edge_ser.config import FeatureConfig
     from edge_ser.packfile import ALLOW_UNSIGNED_ENV, load_pack, read_manifest
     from edge_ser.store import PackStore
-    from packutil import make_pack
 
     monkeypatch.setenv("EDGE_SER_HOME", str(tmp_path / "home"))
     monkeypatch.delenv(ALLOW_UNSIGNED_ENV, raising=False)

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from edge_ser.config import FeatureConfig
 from edge_ser.audio import StreamingResampler
 from edge_ser.capture import RingBuffer
+from edge_ser.config import FeatureConfig
 from edge_ser.stream import listen, offline_results, offline_results_array
 
 REPO = Path(__file__).resolve().parents[1]

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from edge_ser.config import FeatureConfig, TrainConfig, default_model_config
-from edge_ser.export_tflite import (FORMAT, is_fully_integer, load_tflite, read_tflite_metadata, tflite_graph)
+from edge_ser.export_tflite import FORMAT, is_fully_integer, load_tflite, read_tflite_metadata, tflite_graph
 
 HAVE_RUNTIME = any(importlib.util.find_spec(m) is not None for m in ("ai_edge_litert", "tflite_runtime"))
 HAVE_TF = importlib.util.find_spec("tensorflow") is not None
@@ -124,8 +124,8 @@ def test_fully_integer_check_can_fail():
 
 @needs_all
 def test_bad_inputs_give_clear_errors(exported, tmp_path):
-    from edge_ser.export_tflite import export_tflite_int8
     from edge_ser.config import ModelConfig
+    from edge_ser.export_tflite import export_tflite_int8
     from edge_ser.models import build_model
 
     model, _, path = exported

@@ -14,14 +14,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from broker import Broker, free_port, requires_mosquitto
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from packutil import make_pack
 
 import edge_ser.packfile as P
 from edge_ser import signing, transport
 from edge_ser.store import PackStore, StoreError
-from broker import Broker, free_port, requires_mosquitto
-from packutil import make_pack
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = [pytest.mark.mqtt]

@@ -20,12 +20,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from broker import Broker, requires_mosquitto
+from packutil import make_pack, make_trainable_pack
 
 import edge_ser.packfile as P
 from edge_ser import signing, transport
 from edge_ser.store import PackStore
-from broker import Broker, requires_mosquitto
-from packutil import make_pack, make_trainable_pack
 
 REPO = Path(__file__).resolve().parents[1]
 NEXT_PACK_SECONDS = 15.0      # "within seconds": the good pack after an attack is stored within this
@@ -575,8 +575,8 @@ def test_agent_and_publish_read_a_config_file_and_password_file(tmp_path, home, 
 
 # ---------------------------------------------------------------- the handler itself, fuzzed (no broker needed)
 
-from hypothesis import HealthCheck, given, settings          # noqa: E402
-from hypothesis import strategies as st                      # noqa: E402
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
 
 _NASTY = [b"[" * 100_000, b'{"a":' * 20_000 + b"}" * 20_000, b"9" * 5000, b'{"type": "edge-ser-pack", "sequence": 1e999}',
           b'{"type": "edge-ser-pack", "sequence": ' + b"9" * 4000 + b"}", b"\xff" * 100, b"", b"null", b"[]",

@@ -8,13 +8,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from broker import requires_mosquitto
+from packutil import make_pack
+from test_transport import AgentThread, broker, home  # noqa: F401  (fixtures)
 
 import edge_ser.packfile as P
 from edge_ser import transport
 from edge_ser.store import PackStore
-from broker import requires_mosquitto
-from packutil import make_pack
-from test_transport import AgentThread, broker, home  # noqa: F401  (fixtures)
 
 pytestmark = [pytest.mark.mqtt]
 
@@ -34,7 +34,7 @@ def test_soak_200_versions_with_broker_restarts(tmp_path, home, broker):
     agent = AgentThread(broker, tmp_path / "store", tls=False, public_key=home["public_key"])
     rng = np.random.default_rng(1)
     restarts = 0
-    for i, pack in enumerate(packs):
+    for pack in packs:
         if rng.random() < 0.03:
             broker.restart()
             restarts += 1
@@ -62,8 +62,9 @@ def test_soak_good_packs_interleaved_with_every_junk_class(tmp_path, home, broke
     import time
     import zipfile
 
-    from edge_ser.config import FeatureConfig
     from test_transport_attacks import CliAgent, _forged_bomb, announcement, junk_announcement
+
+    from edge_ser.config import FeatureConfig
 
     tiny = FeatureConfig(n_mels=8, clip_seconds=0.05, f_max=4000.0)
     rounds = 15
@@ -137,7 +138,7 @@ def test_soak_good_packs_interleaved_with_every_junk_class(tmp_path, home, broke
             t0 = time.monotonic()
             transport.publish(pack, broker.url, "ser/packs", chunk_size=2000, timeout=30, **broker.creds())
             sent["good"] += 1
-            agent.wait(lambda: (PackStore(store_dir).current() or {}).get("sequence") == a["sequence"], 15,
+            agent.wait(lambda a=a: (PackStore(store_dir).current() or {}).get("sequence") == a["sequence"], 15,
                        f"good pack {k} stored")
             took.append(time.monotonic() - t0)
         assert agent.alive()

@@ -5,10 +5,10 @@ only maps file names/manifests to labels and speakers. Decoding problems surface
 """
 from __future__ import annotations
 
+import itertools
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-import itertools
 from typing import Iterator, List, Optional, Sequence, Tuple
 
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".aiff", ".aif", ".mp3")
