@@ -208,3 +208,22 @@ def test_cli_audit_json_keys_and_mismatch_refused(tmp_path, demo_small, split):
         audit(path, other, config=QUICK)
     with pytest.raises(ValueError, match="unknown audit setting"):
         AuditConfig.from_params(shadowz=3)
+
+
+def test_pack_records_its_privacy_and_no_clip_indices_or_server_paths(tmp_path, monkeypatch):
+    """A pack says whether it holds real clips, and its provenance points at no corpus file, clip or server path."""
+    import edge_ser
+    from edge_ser.packfile import inspect_pack, load_pack
+
+    monkeypatch.setenv("EDGE_SER_HOME", str(tmp_path / "home"))
+    out = tmp_path / "r.pack"
+    info = edge_ser.pack("demo", out, method="random", ipc=1, progress=False, params={"steps": 20})
+    assert info["real_clips"] is True, "a random real subset must be declared as real clips"
+    p = load_pack(out, public_key=tmp_path / "home" / "signing.pub")
+    assert p.provenance["privacy"]["real_clips"] is True and p.provenance["privacy"]["epsilon"] is None
+    text = json.dumps(p.provenance)
+    for leak in ("indices", "workdir", "experts", "val_speakers", str(tmp_path)):
+        assert leak not in text, f"the pack's provenance carries {leak!r}"
+    assert isinstance(p.provenance["train_speakers"], int), "training speakers' ids must not be listed"
+    line = inspect_pack(out, public_key=tmp_path / "home" / "signing.pub")["privacy"]
+    assert line.startswith("HOLDS REAL CLIPS"), line
