@@ -16,6 +16,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Dict, Tuple
 
+from edge_ser.files import atomic_write, json_default
+
 
 def machine_info() -> Dict[str, Any]:
     """Where and when a result was measured: CPU, cores, memory, Python / torch versions, UTC time."""
@@ -67,22 +69,7 @@ def write_json(path, obj) -> Path:
     """Write ``obj`` as indented JSON (creating folders), atomically via a temp file; paths made portable."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(portable(obj), indent=2, sort_keys=True, default=_jsonable))
-    os.replace(tmp, path)
-    return path
-
-
-def _jsonable(o):
-    import numpy as np
-
-    if isinstance(o, np.generic):
-        return o.item()
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    if hasattr(o, "to_dict"):
-        return o.to_dict()
-    return str(o)
+    return atomic_write(path, json.dumps(portable(obj), indent=2, sort_keys=True, default=json_default).encode())
 
 
 def child_peak_rss_mb() -> float:

@@ -13,6 +13,8 @@ import os
 import sys
 from typing import Any, Callable, Dict
 
+from .files import json_default
+
 EPILOG = """\
 the pipeline:
   server:  edge-ser corpus info CORPUS          what is in a corpus (speakers, classes, problems)
@@ -72,25 +74,10 @@ def _positive_float(what: str):
     return parse
 
 
-def _json_default(obj):
-    try:
-        import numpy as np
-
-        if isinstance(obj, np.generic):
-            return obj.item()
-        if isinstance(obj, np.ndarray):
-            return obj.tolist()
-    except ImportError:
-        pass
-    if isinstance(obj, (set, tuple)):
-        return list(obj)
-    return str(obj)
-
-
 def emit(result: Dict[str, Any], as_json: bool, human: Callable[[Dict[str, Any]], str] | None = None) -> None:
     """Print ``result``: readable text, or one JSON object on the last line with ``--json``."""
     if as_json:
-        sys.stdout.write(json.dumps(result, default=_json_default, sort_keys=True) + "\n")
+        sys.stdout.write(json.dumps(result, default=json_default, sort_keys=True) + "\n")
     else:
         text = human(result) if human else _plain(result)
         sys.stdout.write(text.rstrip() + "\n")
@@ -100,13 +87,13 @@ def emit(result: Dict[str, Any], as_json: bool, human: Callable[[Dict[str, Any]]
 def _plain(result: Dict[str, Any], indent: str = "") -> str:
     lines = []
     for key, value in result.items():
-        if isinstance(value, dict) and value and len(json.dumps(value, default=_json_default)) > 70:
+        if isinstance(value, dict) and value and len(json.dumps(value, default=json_default)) > 70:
             lines.append(f"{indent}{key}:")
             lines.append(_plain(value, indent + "  "))
         elif isinstance(value, float):
             lines.append(f"{indent}{key}: {value:.4g}")
         else:
-            lines.append(f"{indent}{key}: {json.dumps(value, default=_json_default) if isinstance(value, (list, dict)) else value}")
+            lines.append(f"{indent}{key}: {json.dumps(value, default=json_default) if isinstance(value, (list, dict)) else value}")
     return "\n".join(lines)
 
 

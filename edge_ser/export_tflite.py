@@ -34,6 +34,8 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
+from .files import atomic_write
+
 METADATA_NAME = "edge_ser"
 FORMAT = "edge-ser-tflite/1"
 EXPORT_INSTALL = "pip install 'tensorflow-cpu==2.21.0'  (or: pip install 'edge-ser[tflite]')"
@@ -80,7 +82,7 @@ def export_tflite_int8(model, calib_X: np.ndarray, path, metadata: Optional[dict
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write(path, flat)
+    atomic_write(path, flat)   # 0644 like the other model files (mkstemp would make it 0600)
     seconds = time.perf_counter() - t0
 
     runner = load_tflite(path, threads=1)
@@ -270,22 +272,6 @@ def _keras_convnet(tf, model):
                        model.classifier.bias.detach().numpy()])
     return k.Model(inp, out)
 
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)   # mkstemp makes 0600; the other model files get the usual 0644
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def add_tflite_metadata(flat: bytes, name: str, payload: bytes) -> bytes:

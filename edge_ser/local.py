@@ -18,6 +18,7 @@ from typing import Any, Dict, Optional
 import numpy as np
 
 from . import memory
+from .files import json_default
 
 MODEL_FORMAT = "edge-ser-model/1"
 #: an int8 model whose top-1 agrees with fp32 on fewer of the pack's own vectors than this is not installed
@@ -208,8 +209,8 @@ def train_from_pack(p, output, memory_budget_mb: Optional[float] = None, threads
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "versions": {"torch": torch.__version__, "numpy": np.__version__},
         }
-        (tmp / "model.json").write_text(json.dumps(info, indent=2, sort_keys=True, default=_jsonable))
-        _fsync_dir(tmp)
+        (tmp / "model.json").write_text(json.dumps(info, indent=2, sort_keys=True, default=json_default))
+        _fsync_files(tmp)
         _replace_folder(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -252,18 +253,11 @@ def refuse_collapsed_int8(folder: Path, files: Dict[str, Any], threshold: float,
              f"{threshold:.0%}); the fp32 model (model.onnx) is used instead")
 
 
-def _fsync_dir(folder: Path) -> None:
+def _fsync_files(folder: Path) -> None:
+    """Flush every file of a model folder to disk before the folder is swapped in."""
     for f in folder.iterdir():
         try:
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
         except OSError:
             pass
-
-
-def _jsonable(obj):
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
-    return str(obj)

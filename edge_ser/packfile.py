@@ -51,6 +51,7 @@ from typing import Any, Dict, Mapping, Optional, Tuple
 import numpy as np
 
 from .config import FeatureConfig, ModelConfig
+from .files import atomic_write, json_default
 from .schedule import Schedule
 
 FORMAT = "edge-ser-pack"
@@ -320,7 +321,7 @@ def write_pack(path, *, X, y, classes, feature_config: FeatureConfig, model_conf
         manifest["synthetic_resolution"] = resolution
     if deployment is not None:
         manifest["deployment"] = deployment_identity(deployment, classes, model_config)
-    manifest_bytes = json.dumps(manifest, sort_keys=True, indent=1, default=_json_default).encode()
+    manifest_bytes = json.dumps(manifest, sort_keys=True, indent=1, default=json_default).encode()
     signature = None
     if private_key is not None:
         from . import signing
@@ -331,39 +332,24 @@ def write_pack(path, *, X, y, classes, feature_config: FeatureConfig, model_conf
                                sort_keys=True).encode()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as fh:
-            with zipfile.ZipFile(fh, "w") as zf:
-                def add(name, data, compress):
-                    info = zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0))
-                    info.compress_type = zipfile.ZIP_DEFLATED if compress else zipfile.ZIP_STORED
-                    info.external_attr = 0o644 << 16
-                    zf.writestr(info, data)
 
-                add(MANIFEST, manifest_bytes, False)
-                if signature is not None:
-                    add(SIGNATURE, signature, False)
-                for name in sorted(members):
-                    add(name, members[name], True)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    def write(fh):
+        with zipfile.ZipFile(fh, "w") as zf:
+            def add(name, data, compress):
+                info = zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0))
+                info.compress_type = zipfile.ZIP_DEFLATED if compress else zipfile.ZIP_STORED
+                info.external_attr = 0o644 << 16
+                zf.writestr(info, data)
+
+            add(MANIFEST, manifest_bytes, False)
+            if signature is not None:
+                add(SIGNATURE, signature, False)
+            for name in sorted(members):
+                add(name, members[name], True)
+
+    atomic_write(path, write=write)
     return {"path": str(path), "pack_id": sha256_bytes(manifest_bytes), "bytes": path.stat().st_size,
             "sequence": sequence, "signed": signature is not None}
-
-
-def _json_default(obj):
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
-    if isinstance(obj, (set, tuple)):
-        return list(obj)
-    return str(obj)
 
 
 # ---------------------------------------------------------------- reading

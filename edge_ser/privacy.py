@@ -510,7 +510,9 @@ def audit(pack, corpus, test_speakers=None, out_dir=None, config: AuditConfig = 
         "corpus_problems": len(problems), "seconds": round(time.perf_counter() - t0, 1),
     }
     report["verdict"] = verdict(report)
-    (out / "report.json").write_text(json.dumps(report, indent=1, sort_keys=True, default=_jsonable) + "\n")
+    from .files import atomic_write, json_default
+
+    atomic_write(out / "report.json", (json.dumps(report, indent=1, sort_keys=True, default=json_default) + "\n").encode())
     return report
 
 
@@ -589,14 +591,6 @@ def _steps(progress: bool, total: int):
             sys.stderr.flush()
         state["t"] = time.perf_counter()
     return step
-
-
-def _jsonable(obj):
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
-    return str(obj)
 
 
 def format_audit(r: Dict) -> str:

@@ -84,23 +84,10 @@ def _private_folder(folder: Path) -> None:
 
 
 def _write_new(path: Path, data: bytes, mode: int) -> None:
-    """Write ``path`` without following symlinks: a fresh temp file (O_CREAT|O_EXCL|O_NOFOLLOW) renamed over
-    ``path``; rename replaces a planted symlink itself instead of writing to its target."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), mode)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    """Write a key file without following symlinks: the rename replaces a planted symlink itself."""
+    from .files import atomic_write
+
+    atomic_write(path, data, mode=mode)
 
 
 def load_private_key(path: KeyLike = None):

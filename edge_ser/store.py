@@ -27,32 +27,14 @@ import time
 from pathlib import Path
 from typing import Optional
 
+from .files import atomic_write, fsync_dir
+
 
 def default_store_dir() -> Path:
     env = os.environ.get("EDGE_SER_HOME")
     if env:
         return Path(env).expanduser() / "store"
     return Path.home() / ".local" / "share" / "edge-ser"
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(str(path), os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically: temp file in the same folder, fsync, rename, fsync folder."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
 
 
 class StoreError(RuntimeError):
@@ -124,8 +106,8 @@ class PackStore:
 
     def _write_state(self, state: dict) -> None:
         data = json.dumps(state, indent=1).encode()
-        atomic_write_bytes(self.state_file, data)
-        atomic_write_bytes(self.backup_file, data)    # second: one copy is whole at any instant
+        atomic_write(self.state_file, data)
+        atomic_write(self.backup_file, data)    # second: one copy is whole at any instant
 
     def current(self) -> Optional[dict]:
         """``{"file", "pack_id", "sequence"}`` of the current pack, or None."""

@@ -20,6 +20,7 @@ from ..audio import AudioError, load_audio
 from ..config import FeatureConfig
 from ..data import FeatureSet
 from ..features import extract
+from ..files import atomic_write
 from .base import Corpus, Problem, map_files
 from .detect import open_corpus
 
@@ -136,10 +137,9 @@ def load_features(path_or_corpus, cfg: FeatureConfig = FeatureConfig(), fmt: Opt
                     classes, np.array([u.rel for u in utts]), corpus.name)
     if use_cache:
         cache_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache_file.with_suffix(".tmp.npz")
-        np.savez(tmp, X=fs.X, y=fs.y, speakers=fs.speakers, classes=np.array(classes), paths=fs.paths,
-                 problems=np.array([(p.path, p.reason, p.severity) for p in problems], dtype=str).reshape(-1, 3))
-        os.replace(tmp, cache_file)
+        found = np.array([(p.path, p.reason, p.severity) for p in problems], dtype=str).reshape(-1, 3)
+        atomic_write(cache_file, write=lambda f: np.savez(f, X=fs.X, y=fs.y, speakers=fs.speakers, classes=np.array(classes),
+                                                          paths=fs.paths, problems=found), durable=False)
     return fs, problems
 
 

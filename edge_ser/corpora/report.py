@@ -8,12 +8,12 @@ cached on disk keyed by the file's SHA-256 and the loader's limits, so a second 
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections import Counter
 from pathlib import Path
 from typing import Dict, List, Optional
 
+from ..files import atomic_write
 from .base import Problem, map_files
 
 #: Bump when what a probe records changes; cached probes of another version are ignored.
@@ -75,10 +75,7 @@ def _save_cache(cache: Dict[str, Dict]) -> None:
     path = _cache_file()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-        with open(tmp, "w") as fh:
-            json.dump(cache, fh)
-        os.replace(tmp, path)
+        atomic_write(path, json.dumps(cache).encode(), durable=False)
     except OSError:
         pass  # a cache that cannot be written only costs time
 

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Dict
 
@@ -11,6 +10,7 @@ import numpy as np
 
 from ..config import ModelConfig
 from ..data import FeatureSet
+from ..files import atomic_write
 from .base import DistillConfig
 
 #: part of every checkpoint key: bump it when a method's defaults change what its checkpoints mean, so a run does
@@ -40,9 +40,7 @@ def workdir_for(cfg: DistillConfig, model_cfg: ModelConfig, train: FeatureSet, t
 
 def save_checkpoint(path: Path, arrays: Dict[str, np.ndarray], meta: Dict) -> None:
     """Atomic checkpoint: arrays + a JSON meta record (write-temp, rename)."""
-    tmp = path.with_name(path.name + ".tmp.npz")
-    np.savez(tmp, __meta__=np.array(json.dumps(meta)), **arrays)
-    os.replace(tmp, path)
+    atomic_write(path, write=lambda f: np.savez(f, __meta__=np.array(json.dumps(meta)), **arrays))
 
 
 def load_checkpoint(path: Path, cfg: DistillConfig):

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +25,7 @@ import numpy as np
 
 from ..config import ModelConfig, TrainConfig, _JsonMixin
 from ..data import FeatureSet
+from ..files import atomic_write
 
 
 @dataclass(frozen=True)
@@ -112,9 +112,7 @@ def train_expert(train: FeatureSet, model_cfg: ModelConfig, expert_cfg: ExpertCo
     stacked = {k: np.stack([s[k] for s in snaps]) for k in snaps[0]}
     meta = {"seed": seed, "seconds": time.perf_counter() - t0, "expert": expert_cfg.to_dict()}
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.npz")   # per process: concurrent runs share the cache
-    np.savez(tmp, __meta__=np.array(json.dumps(meta)), **stacked)
-    os.replace(tmp, path)
+    atomic_write(path, write=lambda f: np.savez(f, __meta__=np.array(json.dumps(meta)), **stacked), durable=False)
     return path
 
 
