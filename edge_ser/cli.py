@@ -44,7 +44,8 @@ class _Parser(argparse.ArgumentParser):
     want_json = False
 
     def error(self, message):
-        message = message.replace("'pack-inspect', ", "")     # the hidden spelling of `pack inspect`
+        for hidden in ("'pack-inspect', ", "'pack-audit', "):     # the hidden spellings of `pack inspect/audit`
+            message = message.replace(hidden, "")
         _fail(f"{message} (see: {self.prog} --help)", _Parser.want_json)
         sys.exit(2)
 
@@ -143,7 +144,7 @@ def cmd_pack_audit(a):
                                   audio_examples=a.audio_examples,
                                   **({"shadow_method": a.shadow_method} if a.shadow_method else {}))
     return audit(a.pack, a.corpus, test_speakers=a.test_speakers, out_dir=a.out, config=cfg, fmt=a.format,
-                 public_key=a.public_key, progress=not a.json, threads=a.threads), format_audit
+                 public_key=a.public_key, progress=not a.quiet, threads=a.threads), format_audit
 
 
 def cmd_keygen(a):
@@ -263,9 +264,11 @@ def build_parser() -> argparse.ArgumentParser:
     ci.add_argument("--format", help=fmt_help)
     ci.set_defaults(fn=cmd_corpus_info)
 
-    sp = add("pack", "distil a corpus into a signed pack (server side); 'pack inspect PACK' shows one", cmd_pack,
+    sp = add("pack", "distil a corpus into a signed pack (server side); 'pack inspect PACK' shows one, "
+             "'pack audit PACK CORPUS' measures what it reveals", cmd_pack,
              epilog="example:\n  edge-ser pack ../shared/corpora/ravdess -o ravdess.pack --ipc 10 --test-speakers 19-24\n"
-                    "  edge-ser pack inspect ravdess.pack")
+                    "  edge-ser pack inspect ravdess.pack\n"
+                    "  edge-ser pack audit ravdess.pack ../shared/corpora/ravdess --test-speakers 19-24")
     sp.add_argument("corpus", help="corpus folder, CSV manifest, or 'demo' (built-in synthetic demo corpus)")
     sp.add_argument("-o", "--output", help="pack file to write")
     sp.add_argument("--method", default=None,
@@ -294,7 +297,8 @@ def build_parser() -> argparse.ArgumentParser:
     psub_inspect.set_defaults(fn=cmd_pack_inspect)
     sub._choices_actions[:] = [a for a in sub._choices_actions if a.dest != "pack-inspect"]
 
-    sp = sub.add_parser("pack-audit", help=argparse.SUPPRESS, parents=[common],
+    # `pack audit PACK CORPUS` likewise
+    sp = sub.add_parser("pack-audit", prog="edge-ser pack audit", parents=[common],
                         description="measure what a pack reveals about the corpus it was made from: near-copies of "
                                     "real clips, speaker re-identification, membership inference on the device model, "
                                     "and Griffin-Lim audio of the closest samples",
@@ -317,6 +321,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--format", help=fmt_help)
     sp.add_argument("--public-key", help="verify the pack's signature with this key first")
     sp.set_defaults(fn=cmd_pack_audit)
+    sub._choices_actions[:] = [a for a in sub._choices_actions if a.dest != "pack-audit"]
 
     sp = add("keygen", "make an Ed25519 signing key pair for packs", cmd_keygen,
              epilog="writes signing.key (keep it on the server) and signing.pub (copy it to devices)")
