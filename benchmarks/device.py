@@ -29,7 +29,7 @@ from typing import Dict, List, Optional
 from edge_ser.memory import LEAN_HEAP_ENV
 
 from ._common import print_machine_info, run_in_child, write_json
-from .packfile import HERE, default_corpus, make_keys, pack_job, test_speakers_for
+from .pack import HERE, default_corpus, make_keys, pack_job, test_speakers_for
 
 
 def _cpu_seconds() -> float:

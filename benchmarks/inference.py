@@ -33,7 +33,7 @@ import numpy as np  # noqa: E402
 
 from ._common import print_machine_info, run_in_child, write_json  # noqa: E402
 from .device import train_job  # noqa: E402
-from .packfile import HERE, default_corpus, make_keys, pack_job, test_speakers_for  # noqa: E402
+from .pack import HERE, default_corpus, make_keys, pack_job, test_speakers_for  # noqa: E402
 
 RUNTIMES = ("torch", "onnx", "onnx-int8", "tflite")
 
