@@ -313,7 +313,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--shadows", type=int, default=0,
                     help="LiRA shadow packs made by the pack's method (0: threshold attack only; >= 2 for LiRA)")
     sp.add_argument("--shadow-method", default=None, help="make shadow packs with this method instead (a proxy)")
-    sp.add_argument("--reid-epochs", type=int, default=30, help="speaker-classifier training epochs (default 30)")
+    sp.add_argument("--reid-epochs", type=int, default=12,
+                    help="speaker-classifier training epochs (default 12, the quick audit; 30 for the full one)")
     sp.add_argument("--audio-examples", type=int, default=3, help="Griffin-Lim WAV pairs to write (default 3)")
     sp.add_argument("--out", default=None, help="folder for report.json and the WAV files (default PACK.audit/)")
     sp.add_argument("--seed", type=int, default=0)
