@@ -24,10 +24,10 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import logging
 import math
 import os
 import re
-import sys
 import threading
 import time
 import zipfile
@@ -36,6 +36,8 @@ from pathlib import Path
 from typing import Optional
 
 from .mqtt import Client, TransportError, topics
+
+log = logging.getLogger("edge_ser.chunks")
 
 MAX_CHUNK = 65536
 MAX_ANNOUNCE_BYTES = 1 << 20
@@ -296,7 +298,7 @@ def publish(pack, broker: str, topic: str, username=None, password=None, cafile=
     man_bytes, sig_bytes = _manifest_members(data)
     signed = sig_bytes is not None
     if not signed:
-        sys.stderr.write(f"edge-ser: WARNING: {pack} is unsigned; devices will refuse it\n")
+        log.warning(f"{pack} is unsigned; devices will refuse it")
     ann = make_announcement(data, pack_id, int(manifest["sequence"]), int(chunk_size), man_bytes, sig_bytes)
     old = {}
     got_old = threading.Event()
@@ -341,7 +343,7 @@ def publish(pack, broker: str, topic: str, username=None, password=None, cafile=
     finally:
         conn.close()
     for note in notes:
-        sys.stderr.write(f"edge-ser: note: {note}\n")
+        log.info(note)
     return {"ok": True, "pack": str(pack), "pack_id": pack_id, "sequence": ann["sequence"], "bytes": len(data),
             "sha256": ann["sha256"], "chunks": ann["chunks"], "chunk_size": chunk_size, "broker": broker,
             "topic": t["announce"], "signed": signed, "replaced": old.get("pack_id"), "cleared_chunks": cleared,

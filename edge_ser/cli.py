@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 from typing import Any, Callable, Dict
@@ -442,6 +443,25 @@ def _restart_with_lean_heap(argv) -> None:
         pass   # carry on in this process (lean training still works, only slower)
 
 
+class _LogFormat(logging.Formatter):
+    """Library log records as the CLI's own lines: ``edge-ser: WARNING: ...`` / ``edge-ser: note: ...``."""
+
+    def format(self, record):
+        level = "WARNING" if record.levelno >= logging.WARNING else "note"
+        return f"edge-ser: {level}: {record.getMessage()}"
+
+
+def _setup_logging(quiet: bool) -> None:
+    logger = logging.getLogger("edge_ser")
+    if not any(getattr(h, "_edge_ser_cli", False) for h in logger.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(_LogFormat())
+        handler._edge_ser_cli = True
+        logger.addHandler(handler)
+    logger.setLevel(logging.WARNING if quiet else logging.INFO)
+    logger.propagate = False
+
+
 def main(argv=None) -> int:
     if argv is None:
         _restart_with_lean_heap(sys.argv[1:])
@@ -453,6 +473,7 @@ def main(argv=None) -> int:
     parser = build_parser()
     _Parser.want_json = "--json" in argv
     args = parser.parse_args(argv)
+    _setup_logging(bool(getattr(args, "quiet", False)))
     if not getattr(args, "fn", None):
         if argv and argv[0] == "corpus":
             _fail("corpus needs a subcommand: info (see: edge-ser corpus --help)", "--json" in argv)

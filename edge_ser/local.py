@@ -8,9 +8,9 @@ memory budget, check the golden vectors, export ONNX/TFLite, and swap the model 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
-import sys
 import time
 from pathlib import Path
 from typing import Any, Dict, Optional
@@ -19,6 +19,8 @@ import numpy as np
 
 from . import memory
 from .files import json_default
+
+log = logging.getLogger("edge_ser.local")
 
 MODEL_FORMAT = "edge-ser-model/1"
 #: an int8 model whose top-1 agrees with fp32 on fewer of the pack's own vectors than this is not installed
@@ -216,8 +218,7 @@ def train_from_pack(p, output, memory_budget_mb: Optional[float] = None, threads
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     for w in warnings_list:
-        if progress:
-            sys.stderr.write(f"edge-ser: warning: {w}\n")
+        log.warning(w)
     peak = memory.peak_rss_mb()
     result = {
         "ok": True, "output": str(out), "pack_id": p.pack_id, "classes": list(p.classes),

@@ -6,14 +6,16 @@ computed on those samples, and provenance.
 """
 from __future__ import annotations
 
+import logging
 import os
 import platform
-import sys
 import time
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
+
+log = logging.getLogger("edge_ser.packer")
 
 #: how many golden inputs a pack carries (taken from the synthetic set, spread over the classes)
 GOLDEN_COUNT = 8
@@ -167,7 +169,7 @@ def pack(corpus, output, method: Optional[str] = None, ipc: int = 10, test_speak
     if not key and not key_path.exists():
         info = signing.keygen(None)
         key_note = f"created a new signing key pair in {Path(info['private_key']).parent} (copy signing.pub to devices)"
-        sys.stderr.write(f"edge-ser: NOTE: {key_note}\n")
+        log.warning(key_note)
     private_key = signing.load_private_key(key_path)
 
     import torch
@@ -242,8 +244,8 @@ def pack(corpus, output, method: Optional[str] = None, ipc: int = 10, test_speak
         "problems": len(left_out), "privacy": privacy_claim(syn, cfg),
     }
     if provenance["privacy"]["real_clips"]:
-        sys.stderr.write(f"edge-ser: WARNING: this pack holds real clips' features ({provenance['privacy']['init']}); "
-                         "it does not keep the corpus on the server. Measure it: edge-ser pack audit PACK CORPUS\n")
+        log.warning(f"this pack holds real clips' features ({provenance['privacy']['init']}); it does not keep the "
+                    "corpus on the server. Measure it: edge-ser pack audit PACK CORPUS")
     info = write_pack(output, X=stored, y=syn.y, classes=fs.classes, feature_config=feature_cfg,
                       model_config=model_cfg, schedule=syn.schedule, theta0=theta0,
                       golden_inputs=np.ascontiguousarray(stored[gidx]),

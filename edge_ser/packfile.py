@@ -39,9 +39,9 @@ import base64
 import hashlib
 import io
 import json
+import logging
 import os
 import re
-import sys
 import time
 import zipfile
 from dataclasses import dataclass, field
@@ -53,6 +53,8 @@ import numpy as np
 from .config import FeatureConfig, ModelConfig
 from .files import atomic_write, json_default
 from .schedule import Schedule
+
+log = logging.getLogger("edge_ser.packfile")
 
 FORMAT = "edge-ser-pack"
 FORMAT_VERSION = "1.2.0"
@@ -247,8 +249,7 @@ def parse_npy(data: bytes, where: str) -> np.ndarray:
 
 
 def _warn(message: str) -> None:
-    sys.stderr.write(f"edge-ser: WARNING: {message}\n")
-    sys.stderr.flush()
+    log.warning(message)
 
 
 def _allow_unsigned_env() -> bool:

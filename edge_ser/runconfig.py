@@ -9,6 +9,7 @@ environment sets ``EDGE_SER_MQTT_PASSWORD``. See ``device/device.toml`` and ``se
 """
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -60,7 +61,5 @@ def read_password_file(path) -> str:
     except OSError as exc:
         raise ValueError(f"cannot read password file {p}: {exc.strerror or exc}") from None
     if mode & 0o077 and os.name == "posix":
-        import sys
-
-        sys.stderr.write(f"edge-ser: WARNING: password file {p} is readable by others (chmod 600 it)\n")
+        logging.getLogger("edge_ser.runconfig").warning(f"password file {p} is readable by others (chmod 600 it)")
     return text.strip("\r\n")

@@ -12,13 +12,15 @@ class names and feature config, read from the model folder's ``model.json`` or t
 from __future__ import annotations
 
 import json
-import sys
+import logging
 from pathlib import Path
 from typing import Dict, Optional, Tuple
 
 import numpy as np
 
 from .config import FeatureConfig, ModelConfig
+
+log = logging.getLogger("edge_ser.runtime")
 
 #: runtime name -> file inside a model folder
 RUNTIME_FILES: Dict[str, str] = {
@@ -216,8 +218,7 @@ def load_runtime(path, runtime: Optional[str] = None, threads: int = 1) -> Runne
         info = _folder_meta(p)
         name = runtime or DEFAULT_RUNTIME
         if runtime is None and ((info.get("files") or {}).get("onnx-int8") or {}).get("refused"):
-            sys.stderr.write(f"edge-ser: note: {p}: the int8 model was refused at training (it disagreed with "
-                             "fp32); using the fp32 model.onnx\n")
+            log.warning(f"{p}: the int8 model was refused at training (it disagreed with fp32); using the fp32 model.onnx")
             name = "onnx"
         f = p / RUNTIME_FILES[name]
         if not f.exists():

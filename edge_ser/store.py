@@ -20,14 +20,16 @@ either the old or the new pack, both complete on disk.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
-import sys
 import time
 from pathlib import Path
 from typing import Optional
 
 from .files import atomic_write, fsync_dir
+
+log = logging.getLogger("edge_ser.store")
 
 
 def default_store_dir() -> Path:
@@ -100,8 +102,8 @@ class PackStore:
         except OSError:
             pass
         self._write_state(state)
-        sys.stderr.write(f"edge-ser: WARNING: {self.state_file} was damaged; recovered (current "
-                         f"{(state.get('current') or {}).get('file')}, rollback floor {floor})\n")
+        log.warning(f"{self.state_file} was damaged; recovered (current {(state.get('current') or {}).get('file')}, "
+                    f"rollback floor {floor})")
         return state
 
     def _write_state(self, state: dict) -> None:
