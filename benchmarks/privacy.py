@@ -72,6 +72,11 @@ def plot(rows, path=PLOT):
         ax.annotate(f"{r['method']} {r['ipc']}", (100 * r["mia_tpr_at_1pct_fpr"], 100 * r["device_uar"]),
                     textcoords="offset points", xytext=(4, 3), fontsize=8)
     ax.axvline(3, color="grey", ls=":", lw=1)
+    ax.axvline(1, color="lightgrey", ls="-", lw=1)      # chance: TPR = FPR
+    ax.text(3.1, 21, "goal: TPR <= 3 %", fontsize=7, color="grey")
+    ax.text(1.1, 21, "chance", fontsize=7, color="grey")
+    ax.set_xlim(0, max(6.0, 100 * max(r["mia_tpr_at_1pct_fpr"] for r in rows) + 1))
+    ax.set_ylim(20, 60)
     ax.set_xlabel("membership inference TPR at 1 % FPR (utterance level, %)")
     ax.set_ylabel("UAR of the attacked device model (%)")
     ax.set_title("privacy / utility per pack (red: holds near-copies of real clips)", fontsize=9)
