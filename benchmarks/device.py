@@ -160,7 +160,7 @@ def main(argv=None) -> int:
             report["pack_source"] = {"corpus": corpus, "method": made["method"], "ipc": made["ipc"],
                                      "seconds": round(secs, 1), "peak_rss_mb": round(rss, 1)}
             print(f"made a {made['method']} IPC {made['ipc']} pack from {corpus} in {secs:.1f} s")
-        from edge_ser.packfile import inspect_pack
+        from edge_ser.inspection import inspect_pack
 
         pinfo = inspect_pack(pack_path, public_key=public_key)
         report["pack"] = {"path": a.pack, "bytes": pinfo["bytes"], "samples": pinfo["synthetic"]["samples"],

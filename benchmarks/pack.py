@@ -10,7 +10,7 @@ RSS is the whole child process (torch included), read as VmHWM in the child (``_
 default every child gets a *cold* distillation cache (a temp ``EDGE_SER_CACHE`` sharing only the
 feature cache and the demo corpus), because fixed-init / MTT reuse cached expert trajectories and
 resume finished checkpoints: a warm cache would time a lookup, not a distillation (``--warm-cache``
-measures exactly that). The member breakdown comes from ``edge_ser.packfile.inspect_pack`` (raw bytes)
+measures exactly that). The member breakdown comes from ``edge_ser.inspection.inspect_pack`` (raw bytes)
 plus the ZIP's stored (deflated) sizes. Also home of the pack-making helpers ``device`` and
 ``inference`` use.
 """
@@ -79,7 +79,7 @@ def pack_job(corpus: str, output: str, method: Optional[str], ipc: int, test_spe
 
 def member_breakdown(path, public_key=None) -> Dict[str, Dict[str, int]]:
     """Pack members grouped (synthetic X, labels, golden, θ0, ...): raw bytes, stored bytes, member count."""
-    from edge_ser.packfile import inspect_pack
+    from edge_ser.inspection import inspect_pack
 
     raw = {name: m["bytes"] for name, m in inspect_pack(path, public_key=public_key)["members"].items()}
     with zipfile.ZipFile(path) as zf:

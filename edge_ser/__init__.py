@@ -18,7 +18,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "pack": ("edge_ser.packer", "pack"),
     "load_pack": ("edge_ser.packfile", "load_pack"),
-    "inspect_pack": ("edge_ser.packfile", "inspect_pack"),
+    "inspect_pack": ("edge_ser.inspection", "inspect_pack"),
     "train_local": ("edge_ser.local", "train_local"),
     "evaluate": ("edge_ser.evaluate", "evaluate"),
     "listen": ("edge_ser.stream", "listen"),

@@ -351,7 +351,8 @@ class Agent:
                 self.transfer = None
 
     def _complete(self) -> dict:
-        from .packfile import check_deployment, load_pack, privacy_line
+        from .inspection import privacy_line
+        from .packfile import check_deployment, load_pack
 
         r, a = self.transfer, self.transfer.a
         self.conn.client.unsubscribe(f"{self.t['chunks']}/{a['pack_id']}/+")

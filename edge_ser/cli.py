@@ -133,7 +133,7 @@ def parse_params(items) -> dict:
 
 
 def cmd_pack_inspect(a):
-    from .packfile import format_inspect, inspect_pack
+    from .inspection import format_inspect, inspect_pack
 
     return inspect_pack(a.pack, public_key=a.public_key), format_inspect
 

@@ -17,6 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from packutil import CLASSES, make_pack
 
+import edge_ser.inspection as I
 import edge_ser.packfile as P
 from edge_ser import signing
 from edge_ser.config import FeatureConfig
@@ -101,8 +102,8 @@ def test_stem_resolution_pack_is_smaller_and_the_model_sees_the_same(tmp_path, h
         make_pack(tmp_path / "bad.pack", fc=fc, model_config=mc, X=X, theta0=theta0, golden_inputs=X[:2],
                   golden_logits=np.zeros((2, 4), np.float32), resolution="stem")
     assert stem["bytes"] < full["bytes"]
-    info = P.inspect_pack(stem["path"])
-    assert info["members"]["data/X.npy"]["bytes"] < 0.3 * P.inspect_pack(full["path"])["members"]["data/X.npy"]["bytes"]
+    info = I.inspect_pack(stem["path"])
+    assert info["members"]["data/X.npy"]["bytes"] < 0.3 * I.inspect_pack(full["path"])["members"]["data/X.npy"]["bytes"]
     assert info["members"]["data/X.npy"]["shape"] == [8, fc.n_mels // 2, fc.num_frames // 2]
     assert info["synthetic"]["stored_resolution"] == "stem" and info["synthetic"]["shape"] == [fc.n_mels, fc.num_frames]
     p = P.load_pack(stem["path"])
@@ -157,10 +158,10 @@ def test_inspect_and_cli(signed_pack, capsys):
     from edge_ser.cli import main
 
     path, info = signed_pack
-    d = P.inspect_pack(path)
+    d = I.inspect_pack(path)
     assert d["ok"] and d["signature"].startswith("valid") and d["pack_id"] == info["pack_id"]
     assert d["synthetic"]["per_class"] == {c: 2 for c in CLASSES}
-    text = P.format_inspect(d)
+    text = I.format_inspect(d)
     assert info["pack_id"] in text and "data/X.npy" in text
     assert main(["pack", "inspect", str(path), "--json"]) == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
@@ -170,7 +171,7 @@ def test_inspect_and_cli(signed_pack, capsys):
 def test_inspect_reports_wrong_key(signed_pack, tmp_path):
     path, _ = signed_pack
     other = signing.keygen(tmp_path / "other")
-    d = P.inspect_pack(path, public_key=other["public_key"])
+    d = I.inspect_pack(path, public_key=other["public_key"])
     assert d["ok"] is False and d["signature"] == "INVALID" and "does not verify" in d["error"]
 
 

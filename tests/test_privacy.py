@@ -213,7 +213,8 @@ def test_cli_audit_json_keys_and_mismatch_refused(tmp_path, demo_small, split):
 def test_pack_records_its_privacy_and_no_clip_indices_or_server_paths(tmp_path, monkeypatch):
     """A pack says whether it holds real clips, and its provenance points at no corpus file, clip or server path."""
     import edge_ser
-    from edge_ser.packfile import inspect_pack, load_pack
+    from edge_ser.inspection import inspect_pack
+    from edge_ser.packfile import load_pack
 
     monkeypatch.setenv("EDGE_SER_HOME", str(tmp_path / "home"))
     out = tmp_path / "r.pack"
