@@ -405,7 +405,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--samplerate", type=int, default=None, help="capture rate (default: the device's own)")
     sp.add_argument("--duration", type=float, default=None, help="stop after this many seconds")
     sp.add_argument("--mqtt-topic", help="also publish each result to this topic (needs --broker)")
-    sp.add_argument("--broker", help="mqtt://HOST:PORT for --mqtt-topic")
+    sp.add_argument("--broker", help="mqtts://HOST:PORT (or mqtt:// on this machine) for --mqtt-topic; credentials from "
+                    "EDGE_SER_MQTT_USERNAME / EDGE_SER_MQTT_PASSWORD(_FILE)")
+    sp.add_argument("--cafile", help="CA certificate for an mqtts:// --broker")
+    sp.add_argument("--insecure", action="store_true", help="allow plain mqtt:// to another machine for --mqtt-topic")
     sp.add_argument("--realtime", action="store_true", help="with --file: pace the file at real time")
 
     add("doctor", "check this machine's runtimes and what is missing", cmd_doctor)

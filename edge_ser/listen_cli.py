@@ -2,10 +2,9 @@
 of the results. The streaming itself is :func:`edge_ser.stream.listen`."""
 from __future__ import annotations
 
-import collections
 import json
 import time
-from typing import Deque, Dict, List
+from typing import Dict, List
 
 import numpy as np
 
@@ -23,53 +22,29 @@ def format_result(r: Result, top: int = 3) -> str:
 
 
 class _Publisher:
-    """Publishes each result as JSON to an MQTT topic (paho-mqtt 2.x, QoS 1, non-blocking)."""
+    """Publishes each result as JSON to an MQTT topic through the one MQTT client (:class:`edge_ser.mqtt.Client`:
+    the same URL schemes, TLS, CA file, credentials from the environment and retry at start as publish and agent),
+    QoS 1 without waiting; a broker that goes away keeps at most 1000 results queued."""
 
-    def __init__(self, broker: str, topic: str):
-        from urllib.parse import urlparse
-
+    def __init__(self, broker: str, topic: str, cafile=None, insecure: bool = False):
         try:
-            import paho.mqtt.client as mqtt
+            from .mqtt import Client
         except ImportError:
             raise RuntimeError("--mqtt-topic needs paho-mqtt: pip install paho-mqtt") from None
-        u = urlparse(broker if "://" in broker else f"mqtt://{broker}")
-        if u.scheme not in ("mqtt", "mqtts") or not u.hostname:
-            raise ValueError(f"--broker must look like mqtt://HOST:PORT, got {broker!r}")
         self.topic = topic
-        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"edge-ser-listen-{time.time_ns()}")
-        import os
-
-        user = u.username or os.environ.get("EDGE_SER_MQTT_USERNAME")
-        if user:   # credentials from the URL (mqtt://user:pass@host) or the environment, as other commands
-            self.client.username_pw_set(user, u.password or os.environ.get("EDGE_SER_MQTT_PASSWORD"))
-        self.client.max_queued_messages_set(1000)   # broker away: keep at most this many results queued
-        if u.scheme == "mqtts":
-            self.client.tls_set()
-        try:
-            self.client.connect(u.hostname, u.port or (8883 if u.scheme == "mqtts" else 1883), keepalive=30)
-        except OSError as exc:
-            raise OSError(f"cannot connect to MQTT broker {broker} ({exc})") from None
-        self.client.loop_start()
+        self.conn = Client(broker, f"edge-ser-listen-{time.time_ns()}", cafile=cafile, insecure=insecure,
+                           max_queued=1000)
+        self.conn.open(timeout=15.0)
         self.published = 0
-        self.infos: Deque = collections.deque(maxlen=200)   # bounded: a listener runs for days
 
     def publish(self, r: Result) -> None:
-        self.infos.append(self.client.publish(self.topic, json.dumps(r.to_dict(), sort_keys=True), qos=1))
+        self.conn.publish_nowait(self.topic, json.dumps(r.to_dict(), sort_keys=True).encode(), qos=1)
         self.published += 1
 
     def close(self, timeout: float = 5.0) -> None:
         """Wait (bounded) for queued results to reach the broker, then disconnect."""
-        deadline = time.monotonic() + timeout
-        for info in list(self.infos):
-            try:
-                info.wait_for_publish(max(0.0, deadline - time.monotonic()))
-            except Exception:
-                break
-        try:
-            self.client.loop_stop()
-            self.client.disconnect()
-        except Exception:
-            pass
+        self.conn.flush(timeout)
+        self.conn.close()
 
 
 def listen_cli(args) -> Dict:
@@ -92,7 +67,8 @@ def listen_cli(args) -> Dict:
     stream = listen(args.model, file=args.file, device=args.device, runtime=args.runtime, window=args.window,
                     hop=args.hop, smooth=args.smooth, vad_db=args.vad_db, duration=args.duration,
                     realtime=args.realtime, samplerate=getattr(args, "samplerate", None))
-    publisher = _Publisher(args.broker, args.mqtt_topic) if args.mqtt_topic else None
+    publisher = (_Publisher(args.broker, args.mqtt_topic, cafile=getattr(args, "cafile", None),
+                            insecure=bool(getattr(args, "insecure", False))) if args.mqtt_topic else None)
     latencies: List[float] = []
     counts: Dict[str, int] = {}
     interrupted = False
