@@ -125,7 +125,13 @@ class Broker:
         self.acl = self.dir / "edge-ser.acl"
         self.acl.write_text(f"user {FLOODER}\ntopic readwrite ser/packs/#\n\n" + SHIPPED_ACL.read_text())
         self.conf = self.dir / "mosquitto.conf"
-        if shipped:
+        self.shipped = shipped
+        self._write_conf()
+        self.proc = None
+        self.started = False
+
+    def _write_conf(self) -> None:
+        if self.shipped:
             self.conf.write_text(shipped_config(self.port, self.tls_port, self.dir, self.pwfile, self.acl))
         else:
             self.conf.write_text(f"""\
@@ -145,7 +151,6 @@ cafile {self.dir / 'tls' / 'ca.crt'}
 certfile {self.dir / 'tls' / 'server.crt'}
 keyfile {self.dir / 'tls' / 'server.key'}
 """)
-        self.proc = None
 
     def device(self, name: str = "dev1", tls: bool = False) -> dict:
         """Credentials of device ``name`` (its MQTT username is its device id)."""
@@ -172,16 +177,28 @@ keyfile {self.dir / 'tls' / 'server.key'}
         return d
 
     def start(self, timeout: float = 10) -> "Broker":
-        self.proc = subprocess.Popen([MOSQUITTO, "-c", str(self.conf)], stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.PIPE)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"mosquitto exited: {self.proc.stderr.read().decode()[-500:]} {self.log()[-500:]}")
-            if all(_listening(p) for p in (self.port, self.tls_port)):
-                return self
-            time.sleep(0.05)
-        raise RuntimeError("mosquitto did not start listening")
+        for attempt in range(4):
+            self.proc = subprocess.Popen([MOSQUITTO, "-c", str(self.conf)], stdout=subprocess.DEVNULL,
+                                         stderr=subprocess.PIPE)
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline:
+                if self.proc.poll() is not None:
+                    err = f"{self.proc.stderr.read().decode()[-500:]} {self.log()[-500:]}"
+                    self.proc.stderr.close()
+                    self.proc = None
+                    # another process took a port between free_port() and mosquitto's bind: new ports, first start only
+                    if "Address already in use" in err and not self.started and attempt < 3:
+                        self.port, self.tls_port = free_port(), free_port()
+                        self._write_conf()
+                        break
+                    raise RuntimeError(f"mosquitto exited: {err}")
+                if all(_listening(p) for p in (self.port, self.tls_port)):
+                    self.started = True
+                    return self
+                time.sleep(0.05)
+            else:
+                raise RuntimeError("mosquitto did not start listening")
+        raise RuntimeError("mosquitto could not bind free ports")
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
