@@ -68,7 +68,9 @@ def privacy_line(provenance: Mapping[str, Any]) -> str:
     real = claim.get("real_clips")
     if real is None:
         method = (provenance or {}).get("method")
-        real = True if method in ("random", "herding", "kcenter") else None
+        from .distill.base import REAL_CLIP_METHODS
+
+        real = True if method in REAL_CLIP_METHODS else None
     what = {True: f"HOLDS REAL CLIPS' FEATURES ({claim.get('init', 'real-sample method')})",
             False: f"no real clip ({claim.get('init', 'learned')})", None: "not recorded (pack made before 0.2)"}[real]
     dp = claim.get("epsilon")

@@ -87,7 +87,7 @@ def privacy_claim(syn, cfg) -> dict:
     """What a reviewer must know first: does any pack member hold real clips' features, and is it DP?
     Learned sets that start from real clips count as holding them (a set can stay close to its start:
     ``edge-ser pack audit`` measures how close)."""
-    from .privacy import REAL_CLIP_METHODS
+    from .distill.base import REAL_CLIP_METHODS
 
     if syn.method in REAL_CLIP_METHODS:
         real, init = True, f"real clips, unchanged ({syn.method})"

@@ -157,11 +157,11 @@ def stored_shift(pack) -> int:
     return max(1, int(pack.schedule.shift) // b)
 
 
-def _distances(Q: np.ndarray, R: np.ndarray, shift: int, exclude_self: bool = False
+def _distances(Q: np.ndarray, R: np.ndarray, shift: int, exclude: Optional[np.ndarray] = None
                ) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(M, N) L2 distances and cosine similarities from every query (M, F, T) to every reference (N, F, T), each
     the best over circular time shifts in [-shift, shift], and the shift that gave the best L2 distance.
-    ``exclude_self``: Q is R; the diagonal is left out."""
+    ``exclude[i]``: the reference that is query i itself, left out."""
     M, N = len(Q), len(R)
     Rf = R.reshape(N, -1).astype(np.float32)
     r2 = (Rf.astype(np.float64) ** 2).sum(1)
@@ -177,9 +177,9 @@ def _distances(Q: np.ndarray, R: np.ndarray, shift: int, exclude_self: bool = Fa
         better = d < D
         D[better], S[better] = d[better], s
         np.maximum(C, dot / (np.sqrt(np.maximum(q2, 1e-12))[:, None] * rn[None, :]), out=C)
-    if exclude_self:
-        D[np.arange(M), np.arange(M)] = np.inf
-        C[np.arange(M), np.arange(M)] = -np.inf
+    if exclude is not None:
+        D[np.arange(M), exclude] = np.inf
+        C[np.arange(M), exclude] = -np.inf
     return D, C, S
 
 
@@ -195,7 +195,7 @@ def _first_second(D: np.ndarray, R_dup: np.ndarray) -> Tuple[np.ndarray, np.ndar
 
 
 def copies(P: np.ndarray, p_labels: np.ndarray, R: np.ndarray, r_labels: np.ndarray, shift: int,
-           percentile: float = 5.0) -> Dict:
+           percentile: float = 5.0, max_real_queries: int = 300, seed: int = 0) -> Dict:
     """How close every pack sample ``P`` is to one real clip of ``R``, judged against real clips themselves.
 
     Two ratios per sample: the distance to its nearest real clip over the typical (median) real-to-real
@@ -203,7 +203,10 @@ def copies(P: np.ndarray, p_labels: np.ndarray, R: np.ndarray, r_labels: np.ndar
     real clip (NNDR). A *near-copy* is below the ``percentile`` of the real clips' own values on both: close
     to a real clip, and to that one in particular. DCR alone flags any sample near the middle of the data (a
     class average is closer to every clip than clips are to each other, and identifies none), so it is
-    reported (``dcr_near_copies``) but does not decide. Returns the summary and per-sample arrays (``_``)."""
+    reported (``dcr_near_copies``) but does not decide. The real clips' own values come from at most
+    ``max_real_queries`` clips per class (each against all of its class): a percentile needs a sample, not the
+    whole square of a large corpus. Returns the summary and per-sample arrays (``_``)."""
+    rng = np.random.default_rng(seed)
     Rflat = R.reshape(len(R), -1)
     sq = (Rflat.astype(np.float64) ** 2).sum(1)
     dup = np.zeros((len(R), len(R)), bool)
@@ -219,9 +222,11 @@ def copies(P: np.ndarray, p_labels: np.ndarray, R: np.ndarray, r_labels: np.ndar
         ix = np.flatnonzero(r_labels == c)
         if len(ix) < 3:
             continue
-        Dc, Cc, _ = _distances(R[ix], R[ix], shift, exclude_self=True)
+        pick = np.sort(rng.choice(len(ix), max_real_queries, replace=False)) if len(ix) > max_real_queries \
+            else np.arange(len(ix))
+        Dc, Cc, _ = _distances(R[ix[pick]], R[ix], shift, exclude=pick)
         dupc = dup[np.ix_(ix, ix)]
-        Dc[dupc] = np.inf                # a clip's duplicate is the clip itself, not its neighbour
+        Dc[dupc[pick]] = np.inf          # a clip's duplicate is the clip itself, not its neighbour
         _, e1, e2 = _first_second(Dc, dupc)
         typical_l2[int(c)] = float(np.median(e1[np.isfinite(e1)]))
         real_dcr.append(e1 / max(typical_l2[int(c)], 1e-12))
@@ -379,6 +384,8 @@ def _write_audio(out_dir: Path, pack, P_raw: np.ndarray, R_raw: np.ndarray, orde
 # ---------------------------------------------------------------- the audit
 
 def _privacy_claim(pack) -> Dict:
+    from .distill.base import REAL_CLIP_METHODS
+
     claim = dict(pack.provenance.get("privacy") or {})
     method = pack.method
     if "real_clips" not in claim:      # packs written before the claim was recorded: infer from the method
@@ -386,10 +393,6 @@ def _privacy_claim(pack) -> Dict:
     claim.setdefault("epsilon", None)
     claim.setdefault("delta", None)
     return claim
-
-
-#: methods whose pack is made of real clips, unchanged
-REAL_CLIP_METHODS = ("random", "herding", "kcenter")
 
 
 def _load(pack_or_path, public_key):
@@ -412,13 +415,11 @@ def audit(pack, corpus, test_speakers=None, out_dir=None, config: AuditConfig = 
     import torch
 
     from .corpora import load_features
-    from .data import default_test_speakers, parse_speakers
+    from .data import FeatureSet, default_test_speakers, parse_speakers
 
     t0 = time.perf_counter()
     if threads:
         torch.set_num_threads(int(threads))
-    from .data import FeatureSet
-
     p = _load(pack, public_key)
     if isinstance(corpus, FeatureSet):
         fs, problems = corpus, []
@@ -447,7 +448,7 @@ def audit(pack, corpus, test_speakers=None, out_dir=None, config: AuditConfig = 
     P_view = storage_view(p.X, p)
     R_view = storage_view(train.X, p)
     shift = stored_shift(p)
-    cp = copies(P_view, p.hard_labels, R_view, train.y, shift, config.near_copy_percentile)
+    cp = copies(P_view, p.hard_labels, R_view, train.y, shift, config.near_copy_percentile, seed=config.seed)
     step("copies")
 
     # 2. speaker re-identification

@@ -26,6 +26,8 @@ METHODS: Dict[str, str] = {
     "herding": "edge_ser.distill.coreset:herding",
     "kcenter": "edge_ser.distill.coreset:kcenter",
 }
+#: methods whose set is real clips, unchanged (a pack of them carries real utterances' features)
+REAL_CLIP_METHODS = ("random", "herding", "kcenter")
 #: the method ``edge-ser pack`` uses when none is given (the best measured; see benchmarks/RESULTS.md)
 DEFAULT_METHOD = "fixed-init"
 
