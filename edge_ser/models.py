@@ -15,7 +15,6 @@ True
 """
 from __future__ import annotations
 
-import hashlib
 from typing import Dict, Mapping
 
 import numpy as np
@@ -23,6 +22,7 @@ import torch
 from torch import nn
 
 from .config import ModelConfig
+from .packfile import state_sha256  # noqa: F401  (one digest: the pack reader's, which needs no torch)
 
 
 def _norm(kind: str, channels: int) -> nn.Module:
@@ -238,16 +238,6 @@ def state_arrays(model_or_state) -> Dict[str, np.ndarray]:
     return {k: v.detach().cpu().numpy().copy() for k, v in sorted(state.items())}
 
 
-def state_sha256(arrays: Mapping[str, np.ndarray]) -> str:
-    """SHA-256 over tensors in canonical form: for each key in sorted order its name, dtype, shape and
-    little-endian C-order bytes. Identical weights give an identical digest on any platform."""
-    h = hashlib.sha256()
-    for key in sorted(arrays):
-        arr = np.ascontiguousarray(arrays[key])
-        arr = arr.astype(arr.dtype.newbyteorder("<"), copy=False)
-        h.update(key.encode() + b"\0" + arr.dtype.str.encode() + b"\0" + repr(tuple(arr.shape)).encode() + b"\0")
-        h.update(arr.tobytes(order="C"))
-    return h.hexdigest()
 
 
 def load_state_arrays(model: nn.Module, arrays: Mapping[str, np.ndarray]) -> nn.Module:

@@ -148,7 +148,9 @@ def file_sha256(path) -> str:
 
 
 def state_sha256(arrays: Mapping[str, np.ndarray]) -> str:
-    """Identical to :func:`edge_ser.models.state_sha256` (kept here so reading a pack needs no torch)."""
+    """SHA-256 over tensors in canonical form: for each key in sorted order its name, dtype, shape and
+    little-endian C-order bytes. Identical weights give an identical digest on any platform. Here, not in
+    models.py (which re-exports it), so that reading a pack needs no torch."""
     h = hashlib.sha256()
     for key in sorted(arrays):
         arr = np.ascontiguousarray(arrays[key])

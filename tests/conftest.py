@@ -44,18 +44,21 @@ def ravdess_features(ravdess_path):
     return fs.split_speakers(RAVDESS_TEST)
 
 
-#: the device id the ``home`` fixture sets (status topics end in it)
-DEVICE_ID = "testdev"
+@pytest.fixture
+def device_id():
+    """The device id ``home`` sets (status topics end in it); a test module overrides this fixture for another
+    of the shipped broker's device users (tests/broker.py DEVICES)."""
+    return "testdev"
 
 
 @pytest.fixture
-def home(tmp_path, monkeypatch):
+def home(tmp_path, monkeypatch, device_id):
     """A signing key pair in a private ``EDGE_SER_HOME``, a fixed device id, unsigned packs not allowed."""
     from edge_ser import signing
     from edge_ser.packfile import ALLOW_UNSIGNED_ENV
 
     monkeypatch.setenv("EDGE_SER_HOME", str(tmp_path / "home"))
-    monkeypatch.setenv("EDGE_SER_DEVICE_ID", DEVICE_ID)
+    monkeypatch.setenv("EDGE_SER_DEVICE_ID", device_id)
     monkeypatch.delenv(ALLOW_UNSIGNED_ENV, raising=False)
     return signing.keygen()
 
@@ -69,10 +72,11 @@ def private_cache(tmp_path, monkeypatch):
 
 @pytest.fixture
 def broker(tmp_path):
-    """A real mosquitto broker on 127.0.0.1 (tests/broker.py), stopped after the test."""
+    """A real mosquitto broker on 127.0.0.1 with the shipped config and ACL (tests/broker.py), stopped after the
+    test."""
     from broker import Broker
 
-    b = Broker(tmp_path / "broker")
+    b = Broker(tmp_path / "broker", shipped=True)
     b.start()
     yield b
     b.stop()

@@ -35,25 +35,8 @@ def _private_cache(private_cache):
 
 
 @pytest.fixture
-def home(tmp_path, monkeypatch):
-    """A signing key pair in a private EDGE_SER_HOME (unsigned packs not allowed)."""
-    from edge_ser import signing
-    from edge_ser.packfile import ALLOW_UNSIGNED_ENV
-
-    monkeypatch.setenv("EDGE_SER_HOME", str(tmp_path / "home"))
-    monkeypatch.setenv("EDGE_SER_DEVICE_ID", "faultdev")
-    monkeypatch.delenv(ALLOW_UNSIGNED_ENV, raising=False)
-    return signing.keygen()
-
-
-@pytest.fixture
-def broker(tmp_path):
-    from broker import Broker
-
-    b = Broker(tmp_path / "broker", shipped=True)
-    b.start()
-    yield b
-    b.stop()
+def device_id():
+    return "faultdev"
 
 
 def requires_mosquitto(fn):

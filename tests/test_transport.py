@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from packutil import make_pack
 
 import edge_ser.packfile as P
-from edge_ser import signing, transport
+from edge_ser import transport
 from edge_ser.store import PackStore, StoreError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -28,19 +28,8 @@ pytestmark = [pytest.mark.mqtt]
 
 
 @pytest.fixture
-def home(tmp_path, monkeypatch):
-    monkeypatch.setenv("EDGE_SER_HOME", str(tmp_path / "home"))
-    monkeypatch.setenv("EDGE_SER_DEVICE_ID", "dev1")
-    monkeypatch.delenv(P.ALLOW_UNSIGNED_ENV, raising=False)
-    return signing.keygen()
-
-
-@pytest.fixture
-def broker(tmp_path):
-    b = Broker(tmp_path / "broker", shipped=True)
-    b.start()
-    yield b
-    b.stop()
+def device_id():
+    return "dev1"
 
 
 def build(tmp_path, home, name, sequence, ipc=4, **kw) -> Path:

@@ -33,19 +33,8 @@ pytestmark = [pytest.mark.mqtt, pytest.mark.faults]
 
 
 @pytest.fixture
-def home(tmp_path, monkeypatch):
-    monkeypatch.setenv("EDGE_SER_HOME", str(tmp_path / "home"))
-    monkeypatch.setenv("EDGE_SER_DEVICE_ID", "dev1")
-    monkeypatch.delenv(P.ALLOW_UNSIGNED_ENV, raising=False)
-    return signing.keygen()
-
-
-@pytest.fixture
-def broker(tmp_path):
-    b = Broker(tmp_path / "broker", shipped=True)
-    b.start()
-    yield b
-    b.stop()
+def device_id():
+    return "dev1"
 
 
 def build(tmp_path, home, name, sequence, deployment="ser/packs", **kw) -> Path:

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from broker import requires_mosquitto
 from packutil import make_pack
-from test_transport import AgentThread, broker, home  # noqa: F401  (fixtures)
+from test_transport import AgentThread, device_id  # noqa: F401  (its device id fixture)
 
 import edge_ser.packfile as P
 from edge_ser import transport
