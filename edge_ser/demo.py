@@ -88,8 +88,9 @@ def _mqtt_roundtrip(pack_path: Path, workdir: Path, public_key: Path, say: _Say)
 
 
 def _train_on_device(pack_path: Path, model_dir: Path, public_key: str, quiet: bool) -> Dict:
-    """``edge-ser train-local`` in its own process, as a device runs it (and so the TensorFlow converter's
-    memory is not added to the distillation's); its progress bar shows on this terminal."""
+    """``edge-ser train-local`` in its own process, as a device runs it (it converts to TFLite in a process of
+    its own, so TensorFlow's memory is added neither to torch's nor to the distillation's); its progress bar
+    shows on this terminal."""
     root = str(Path(__file__).resolve().parent.parent)
     env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
     cmd = [sys.executable, "-m", "edge_ser", "train-local", str(pack_path), "-o", str(model_dir), "--threads", "1",
@@ -194,7 +195,8 @@ def run_demo(workdir=None, ipc: int = 10, quiet: bool = False, iterations: Optio
     model_dir = work / "model"
     trained = _train_on_device(device_pack, model_dir, keys["public_key"], quiet)
     out["train_local"] = {k: trained.get(k) for k in ("wall_seconds", "train_seconds", "export_seconds",
-                                                      "peak_rss_mb", "golden", "files", "sizes", "warnings")}
+                                                      "peak_rss_mb", "process_peak_rss_mb", "converter_peak_rss_mb",
+                                                      "golden", "files", "sizes", "warnings")}
     golden = trained.get("golden") or {}
     say.took(f"trained in {trained['train_seconds']:.0f} s, peak RSS {trained['peak_rss_mb']:.0f} MB; golden "
              f"check {'passed' if golden.get('passed') else 'FAILED'}; files: {', '.join(sorted(trained['files']))}")
@@ -244,7 +246,9 @@ def format_demo_summary(d: Dict) -> str:
          f"what devices receive: {p.get('samples')} log-Mel samples + θ0, from {corpus_mb:.0f} MB of audio"),
         ("distillation", f"{p.get('distill_seconds', 0):.0f} s", "server time to make the samples (demo size)"),
         ("device training", f"{t.get('train_seconds', 0):.0f} s", "θ0 trained on the pack, one thread"),
-        ("device peak RSS", f"{t.get('peak_rss_mb', 0):.0f} MB", "train-local's memory, export included"),
+        ("device peak RSS", f"{t.get('peak_rss_mb', 0):.0f} MB", "train-local's largest process, export included"
+         + (f" (training {t['process_peak_rss_mb']:.0f} MB, TFLite converter {t['converter_peak_rss_mb']:.0f} MB)"
+            if t.get("converter_peak_rss_mb") and t.get("process_peak_rss_mb") else "")),
         ("golden check", "passed" if g.get("passed") else "FAILED",
          f"device model matches the server's reference (max logit diff {g.get('max_abs_deviation', 0.0):.2g})"),
         ("held-out UAR", f"{e.get('uar', 0):.2f}",

@@ -321,7 +321,7 @@ def export_all(model, folder, metadata: Dict[str, str], calib_X: np.ndarray, tfl
     if tflite:
         t0 = time.perf_counter()
         try:
-            with phase("export: TFLite int8 (loading TensorFlow's converter)"):
+            with phase("export: TFLite int8 (TensorFlow's converter, in its own process)"):
                 files["tflite"] = export_tflite(model, calib_X, folder / "model.int8.tflite", metadata)
             try:
                 from .runtime import load_runtime
@@ -336,5 +336,7 @@ def export_all(model, folder, metadata: Dict[str, str], calib_X: np.ndarray, tfl
             if (folder / "model.int8.tflite").exists():
                 (folder / "model.int8.tflite").unlink()
             files["tflite"] = {"file": None, "error": msg}
+            if isinstance(getattr(exc, "converter_process", None), dict):   # it ran: its memory counts
+                files["tflite"]["converter_process"] = exc.converter_process
             warn(f"TFLite export skipped: {msg}")
     return files

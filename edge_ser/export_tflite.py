@@ -11,6 +11,12 @@ The pack id, class names, feature and model config travel *inside* the file as J
 ``Model.metadata`` entry named ``"edge_ser"`` (:data:`METADATA_NAME`); :func:`read_tflite_metadata` reads
 it back with a tiny dependency-free flatbuffer reader, so a device needs only a TFLite interpreter.
 
+The conversion runs in a child process (``python -m edge_ser.export_tflite WORKDIR``) that never imports
+torch: the caller (which has torch loaded) writes the folded weights, the calibration windows and the metadata as
+plain numpy/JSON into a private temporary folder, the child builds the Keras model from them, converts, writes the
+.tflite and exits. TensorFlow (~500 MB) is then never resident beside torch, and its memory is returned when the
+child ends. The caller verifies the written file on the TFLite runtime as before.
+
 Export needs ``tensorflow-cpu`` (the ``[tflite]`` extra); running needs ``ai-edge-litert`` or, where that is
 what the device has, ``tflite-runtime``.
 
@@ -25,7 +31,10 @@ import contextlib
 import io
 import json
 import os
+import shutil
 import struct
+import subprocess
+import sys
 import tempfile
 import time
 import warnings
@@ -40,6 +49,8 @@ METADATA_NAME = "edge_ser"
 FORMAT = "edge-ser-tflite/1"
 EXPORT_INSTALL = "pip install 'tensorflow-cpu==2.21.0'  (or: pip install 'edge-ser[tflite]')"
 RUNTIME_INSTALL = "pip install 'ai-edge-litert==2.3.0'  (or on older devices: pip install tflite-runtime)"
+#: the converter process is stopped after this many seconds (a conversion takes 10-30 s on a 2-core machine)
+CONVERT_TIMEOUT_S = 600.0
 
 # TFLite schema enums we report by name (tensorflow/lite/schema/schema.fbs)
 _TENSOR_TYPES = {0: "float32", 1: "float16", 2: "int32", 3: "uint8", 4: "int64", 5: "string", 6: "bool",
@@ -53,16 +64,20 @@ _BUILTIN_OPS = {0: "ADD", 1: "AVERAGE_POOL_2D", 2: "CONCATENATION", 3: "CONV_2D"
 # ------------------------------------------------------------------ export
 
 def export_tflite_int8(model, calib_X: np.ndarray, path, metadata: Optional[dict] = None,
-                       max_calib: int = 200, seed: int = 0) -> Dict:
+                       max_calib: int = 200, seed: int = 0, timeout: float = CONVERT_TIMEOUT_S) -> Dict:
     """Convert a trained :class:`~edge_ser.models.ConvNet` to a full-integer int8 ``.tflite`` file.
 
     ``calib_X`` (N, n_mels, frames) float32 raw log-Mels calibrates the activation ranges (at most
     ``max_calib`` of them, drawn with ``seed``); all of ``calib_X`` (up to 512) is then run through the
     written file on the real interpreter and compared with the torch model's argmax.
     ``metadata`` (JSON-able: e.g. ``pack_id``, ``classes``, ``feature_config``) is stored in the file.
+    TensorFlow runs in a child process without torch (module docstring), stopped after ``timeout`` seconds;
+    its failures come back as one ``RuntimeError`` line.
 
     Returns ``{"path", "bytes", "seconds", "converter", "runtime", "agreement", "max_abs_logit_diff",
-    "calib_examples", "ops", "fully_integer"}``.
+    "calib_examples", "ops", "fully_integer", "converter_process"}``; ``converter_process`` has the child's
+    own ``peak_rss_mb``, ``seconds`` and ``torch_imported`` (False). An exception raised once the child has been
+    started carries that dict (values None where unknown) as its ``converter_process`` attribute.
 
     >>> info = export_tflite_int8(model, synthetic_X, "out/model.int8.tflite",
     ...                           {"pack_id": pack_id, "classes": classes, "feature_config": fc.to_dict()})
@@ -73,32 +88,39 @@ def export_tflite_int8(model, calib_X: np.ndarray, path, metadata: Optional[dict
 
     t0 = time.perf_counter()
     X = _check_calib(model, calib_X)
-    with _native_stderr_quiet() as native_log:
-        tf = _import_tensorflow()
-        meta = _metadata_json(model, metadata)
-        keras_model = _keras_convnet(tf, model)
-        flat = _convert(tf, keras_model, X, max_calib, seed, native_log)
-    flat = add_tflite_metadata(flat, METADATA_NAME, json.dumps(meta, sort_keys=True).encode())
+    meta = _metadata_json(model, metadata)
+    config, arrays = _keras_inputs(model)
+    arrays["calib"] = _calibration_subset(X, max_calib, seed)
+    config["metadata"] = meta
+    process = {"peak_rss_mb": None, "torch_imported": None, "seconds": None}   # (not known when it failed)
+    try:
+        flat, child = _convert_in_child(config, arrays, timeout)
+        process = {k: child.get(k) for k in process}
+        del arrays
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, flat)   # 0644 like the other model files (mkstemp would make it 0600)
-    seconds = time.perf_counter() - t0
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, flat)   # 0644 like the other model files (mkstemp would make it 0600)
+        seconds = time.perf_counter() - t0
 
-    runner = load_tflite(path, threads=1)
-    check = X[:512]
-    lite = runner.predict_logits(check)
-    was_training = model.training
-    model.eval()
-    with torch.no_grad():  # small batches: a device exporting under a memory budget
-        ref = np.concatenate([model(torch.from_numpy(check[i:i + 16])).numpy() for i in range(0, len(check), 16)])
-    model.train(was_training)
-    graph = tflite_graph(flat)
+        runner = load_tflite(path, threads=1)
+        check = X[:512]
+        lite = runner.predict_logits(check)
+        was_training = model.training
+        model.eval()
+        with torch.no_grad():  # small batches: a device exporting under a memory budget
+            ref = np.concatenate([model(torch.from_numpy(check[i:i + 16])).numpy()
+                                  for i in range(0, len(check), 16)])
+        model.train(was_training)
+        graph = tflite_graph(flat)
+    except Exception as exc:    # the converter process ran: its memory still counts (edge_ser.local)
+        exc.converter_process = process
+        raise
     return {
         "path": str(path),
         "bytes": len(flat),
         "seconds": round(seconds, 3),
-        "converter": f"tensorflow-cpu {tf.__version__} TFLiteConverter (full-integer int8, per-channel weights)",
+        "converter": f"tensorflow-cpu {child['tensorflow']} TFLiteConverter (full-integer int8, per-channel weights)",
         "runtime": runner.runtime,
         "agreement": float(np.mean(lite.argmax(1) == ref.argmax(1))),
         "max_abs_logit_diff": float(np.abs(lite - ref).max()),
@@ -106,7 +128,133 @@ def export_tflite_int8(model, calib_X: np.ndarray, path, metadata: Optional[dict
         "checked_examples": int(len(check)),
         "ops": graph["ops"],
         "fully_integer": is_fully_integer(graph),
+        "converter_process": process,
     }
+
+
+# ------------------------------------------------------------------ the converter process
+
+def _child_command(work: str) -> List[str]:
+    """The converter process: this module run as a script on ``work`` (tests substitute others)."""
+    return [sys.executable, "-m", "edge_ser.export_tflite", work]
+
+
+def _child_env() -> Dict[str, str]:
+    """This environment, with the folder holding this ``edge_ser`` first on the path (the child imports the same
+    code even where edge_ser is not installed, or another copy is) unless that folder is site-packages, and
+    TensorFlow's C++ logging at warnings and up."""
+    import site
+
+    root = str(Path(__file__).resolve().parent.parent)
+    env = dict(os.environ)
+    installed = {str(Path(d).resolve()) for d in site.getsitepackages() + [site.getusersitepackages()]}
+    if root not in installed:
+        env["PYTHONPATH"] = os.pathsep.join([root] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    return env
+
+
+def _convert_in_child(config: dict, arrays: Dict[str, np.ndarray], timeout: float = CONVERT_TIMEOUT_S):
+    """Run the conversion in a fresh ``python`` (not a fork of this torch process) on inputs written to a
+    private temporary folder, removed afterwards whatever happens. The child's stdout and stderr (TensorFlow's
+    native and absl logging included) go to a file there, never to the terminal. Returns (flatbuffer bytes with
+    the metadata entry, the child's report); raises ``RuntimeError`` with one line on failure or timeout."""
+    work = tempfile.mkdtemp(prefix="edge-ser-tflite-")
+    try:
+        np.savez(os.path.join(work, "inputs.npz"), **arrays)
+        with open(os.path.join(work, "inputs.json"), "w") as fh:
+            json.dump(config, fh, sort_keys=True)
+        log_path = os.path.join(work, "converter.log")
+        with open(log_path, "wb") as log:
+            try:
+                proc = subprocess.run(_child_command(work), stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                                      cwd=work, env=_child_env(), timeout=timeout)
+            except subprocess.TimeoutExpired:    # (run() has killed and reaped it)
+                raise RuntimeError(f"TFLite int8 conversion did not finish in {timeout:.0f} s; its process "
+                                   "was stopped") from None
+            except OSError as exc:
+                raise RuntimeError(f"TFLite int8 conversion could not start {sys.executable}: "
+                                   f"{exc.strerror or exc}") from None
+        result = os.path.join(work, "result.json")
+        if proc.returncode != 0 or not os.path.exists(result):
+            raise RuntimeError(_child_error(work, log_path, proc.returncode))
+        with open(result) as fh:
+            report = json.load(fh)
+        with open(os.path.join(work, "model.tflite"), "rb") as fh:
+            return fh.read(), report
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _child_error(work: str, log_path: str, returncode: int) -> str:
+    """One line for a failed converter process: its own error message, else the last line it printed."""
+    try:
+        with open(os.path.join(work, "error.json")) as fh:
+            message = str(json.load(fh)["error"])
+        if message.strip():
+            return " ".join(message.split())
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    try:
+        with open(log_path, "rb") as fh:
+            lines = [line.strip() for line in fh.read().decode("utf-8", "replace").splitlines() if line.strip()]
+    except OSError:
+        lines = []
+    how = f"was killed by signal {-returncode}" if returncode < 0 else f"exited with status {returncode}"
+    if returncode == -9:
+        how += " (out of memory?)"
+    return f"TFLite int8 conversion failed: the converter process {how}" + (f": {lines[-1][:300]}" if lines else "")
+
+
+def _child_main(argv: List[str]) -> int:
+    """Entry of the converter process: ``WORKDIR`` holds inputs.npz and inputs.json (:func:`_keras_inputs`,
+    ``calib`` and ``metadata``); writes model.tflite and result.json, or error.json, there. Exit status 0 / 1."""
+    t0 = time.perf_counter()
+    if len(argv) != 1:
+        print("usage: python -m edge_ser.export_tflite WORKDIR  (the TFLite converter process of train-local)",
+              file=sys.stderr)
+        return 2
+    work = Path(argv[0])
+    try:
+        with open(work / "inputs.json") as fh:
+            config = json.load(fh)
+        with np.load(work / "inputs.npz", allow_pickle=False) as z:
+            arrays = {name: z[name] for name in z.files}
+        with _native_stderr_quiet() as native_log:
+            tf = _import_tensorflow()
+            keras_model = _keras_convnet(tf, config, arrays)
+            flat = _convert(tf, keras_model, arrays["calib"], native_log)
+        flat = add_tflite_metadata(flat, METADATA_NAME, json.dumps(config["metadata"], sort_keys=True).encode())
+        (work / "model.tflite").write_bytes(flat)
+        report = {"tensorflow": tf.__version__, "torch_imported": "torch" in sys.modules,
+                  "peak_rss_mb": _own_peak_rss_mb(), "seconds": round(time.perf_counter() - t0, 3)}
+        (work / "result.json").write_text(json.dumps(report))
+        return 0
+    except Exception as exc:   # one line for the parent's RuntimeError; the traceback stays in the log
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        message = first if isinstance(exc, RuntimeError) else \
+            f"TFLite int8 conversion failed: {type(exc).__name__}: {first}"
+        try:
+            (work / "error.json").write_text(json.dumps({"error": message}))
+        except OSError:
+            pass
+        import traceback
+
+        traceback.print_exc()
+        return 1
+
+
+def _own_peak_rss_mb() -> Optional[float]:
+    """This process's high-water RSS (``VmHWM``), MB; None where /proc is absent. (Not ``ru_maxrss``: it
+    survives exec and so would count the parent that started this process.)"""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return round(int(line.split()[1]) / 1024.0, 1)
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 @contextlib.contextmanager
@@ -146,11 +294,13 @@ def _native_stderr_quiet():
         log.close()
 
 
-def _convert(tf, keras_model, X: np.ndarray, max_calib: int, seed: int, native_log) -> bytes:
-    rng = np.random.default_rng(seed)
-    idx = rng.permutation(len(X))[:max_calib]
-    calib = X[np.sort(idx)]
+def _calibration_subset(X: np.ndarray, max_calib: int, seed: int) -> np.ndarray:
+    """The (at most ``max_calib``) windows the converter calibrates on, drawn with ``seed``, in order."""
+    idx = np.random.default_rng(seed).permutation(len(X))[:max_calib]
+    return np.ascontiguousarray(X[np.sort(idx)])
 
+
+def _convert(tf, keras_model, calib: np.ndarray, native_log) -> bytes:
     def representative():
         for x in calib:
             yield [x[None].astype(np.float32)]
@@ -236,12 +386,28 @@ def _folded_convs(model):
     return blocks
 
 
-def _keras_convnet(tf, model):
-    """The same network in Keras, NHWC = (batch, mel, frame, channel), weights copied from torch."""
-    k = tf.keras
+def _keras_inputs(model):
+    """Everything :func:`_keras_convnet` needs from the torch model, as (JSON-able config, numpy arrays):
+    the per-band input statistics, the BatchNorm-folded conv kernels and biases, the classifier."""
     cfg = model.cfg
-    mean = model.input_norm.mean.detach().numpy().astype(np.float64)
-    std = model.input_norm.std.detach().numpy().astype(np.float64)
+    arrays = {"mean": model.input_norm.mean.detach().numpy().astype(np.float64),
+              "std": model.input_norm.std.detach().numpy().astype(np.float64),
+              "classifier_weight": np.array(model.classifier.weight.detach().numpy()),
+              "classifier_bias": np.array(model.classifier.bias.detach().numpy())}
+    pools = []
+    for i, (kernel, bias, pool) in enumerate(_folded_convs(model)):
+        arrays[f"conv{i}_kernel"], arrays[f"conv{i}_bias"] = kernel, bias
+        pools.append(pool)
+    config = {"n_mels": int(cfg.n_mels), "num_frames": int(cfg.num_frames),
+              "stem_pool": [int(v) for v in cfg.stem_pool], "pools": pools}
+    return config, arrays
+
+
+def _keras_convnet(tf, config: dict, arrays: Dict[str, np.ndarray]):
+    """The same network in Keras, NHWC = (batch, mel, frame, channel), from :func:`_keras_inputs`."""
+    k = tf.keras
+    n_mels, num_frames = config["n_mels"], config["num_frames"]
+    mean, std = arrays["mean"].astype(np.float64), arrays["std"].astype(np.float64)
     scale = (1.0 / std).reshape(1, -1, 1, 1).astype(np.float32)
     shift = (-mean / std).reshape(1, -1, 1, 1).astype(np.float32)
 
@@ -253,11 +419,12 @@ def _keras_convnet(tf, model):
         def call(self, x):
             return tf.reduce_mean(x, axis=2)
 
-    inp = k.Input((cfg.n_mels, cfg.num_frames), batch_size=1, name="log_mels")
-    h = BandAffine()(k.layers.Reshape((cfg.n_mels, cfg.num_frames, 1))(inp))
-    if tuple(cfg.stem_pool) != (1, 1):
-        h = k.layers.AveragePooling2D(tuple(cfg.stem_pool))(h)
-    for kernel, bias, pool in _folded_convs(model):
+    inp = k.Input((n_mels, num_frames), batch_size=1, name="log_mels")
+    h = BandAffine()(k.layers.Reshape((n_mels, num_frames, 1))(inp))
+    if tuple(config["stem_pool"]) != (1, 1):
+        h = k.layers.AveragePooling2D(tuple(config["stem_pool"]))(h)
+    for i, pool in enumerate(config["pools"]):
+        kernel, bias = arrays[f"conv{i}_kernel"], arrays[f"conv{i}_bias"]
         conv = k.layers.Conv2D(kernel.shape[3], kernel.shape[:2], padding="same", activation="relu")
         h = conv(h)
         conv.set_weights([kernel, bias])
@@ -265,13 +432,12 @@ def _keras_convnet(tf, model):
     h = TimeMean()(h)                      # (B, F, C)
     freq, chans = int(h.shape[1]), int(h.shape[2])
     h = k.layers.Flatten()(h)              # index f * C + c   (torch flattens (C, F): c * F + f)
-    W = model.classifier.weight.detach().numpy()
+    W = arrays["classifier_weight"]
     dense = k.layers.Dense(W.shape[0], name="logits")
     out = dense(h)
     dense.set_weights([W.reshape(-1, chans, freq).transpose(0, 2, 1).reshape(W.shape[0], -1).T,
-                       model.classifier.bias.detach().numpy()])
+                       arrays["classifier_bias"]])
     return k.Model(inp, out)
-
 
 
 def add_tflite_metadata(flat: bytes, name: str, payload: bytes) -> bytes:
@@ -547,3 +713,7 @@ def load_tflite(path, threads: int = 1) -> TFLiteRunner:
     >>> runner.predict_logits(features).argmax(1)
     """
     return TFLiteRunner(path, threads=threads)
+
+
+if __name__ == "__main__":      # the converter process of export_tflite_int8 (see _child_main)
+    sys.exit(_child_main(sys.argv[1:]))

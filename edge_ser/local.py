@@ -178,9 +178,10 @@ def train_from_pack(p, output, memory_budget_mb: Optional[float] = None, threads
             if tflite and memory_budget_mb is not None and \
                     memory.current_rss_mb() + memory.TFLITE_EXPORT_MB > float(memory_budget_mb):
                 tflite = False
-                warnings_list.append(f"TFLite export skipped: its converter (TensorFlow) needs ~"
-                                     f"{memory.TFLITE_EXPORT_MB:.0f} MB more, beyond the {memory_budget_mb:.0f} MB "
-                                     "budget (the ONNX models are written; convert where TensorFlow fits)")
+                warnings_list.append(f"TFLite export skipped: its converter process (TensorFlow) needs ~"
+                                     f"{memory.TFLITE_EXPORT_MB:.0f} MB beside this one, beyond the "
+                                     f"{memory_budget_mb:.0f} MB budget (the ONNX models are written; convert where "
+                                     "TensorFlow fits)")
             files.update(export_all(model, tmp, meta, calib, tflite=tflite, warn=warnings_list.append))
             refuse_collapsed_int8(tmp, files, int8_min_agreement, warnings_list.append)
         export_seconds = time.perf_counter() - t_export
@@ -204,8 +205,9 @@ def train_from_pack(p, output, memory_budget_mb: Optional[float] = None, threads
                         "steps": p.schedule.steps(len(p.X)), "n_synthetic": int(len(p.X))},
             "memory": plan.to_dict(),
             "timing": {"train_seconds": round(train_seconds, 3), "export_seconds": round(export_seconds, 3)},
-            "peak_rss_mb": round(memory.peak_rss_mb(), 1),
+            "peak_rss_mb": round(peak_rss_with_converter_mb(files), 1),
             "train_peak_rss_mb": round(train_peak, 1),
+            "converter_peak_rss_mb": converter_peak_rss_mb(files),
             "threads": plan.threads,
             "warnings": warnings_list,
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -219,12 +221,14 @@ def train_from_pack(p, output, memory_budget_mb: Optional[float] = None, threads
         raise
     for w in warnings_list:
         log.warning(w)
-    peak = memory.peak_rss_mb()
+    peak = peak_rss_with_converter_mb(files)
     result = {
         "ok": True, "output": str(out), "pack_id": p.pack_id, "classes": list(p.classes),
         "golden": golden, "wall_seconds": round(time.perf_counter() - t_start, 3),
         "train_seconds": round(train_seconds, 3), "export_seconds": round(export_seconds, 3),
-        "peak_rss_mb": round(peak, 1), "memory_budget_mb": memory_budget_mb, "threads": plan.threads,
+        "peak_rss_mb": round(peak, 1), "process_peak_rss_mb": round(memory.peak_rss_mb(), 1),
+        "converter_peak_rss_mb": converter_peak_rss_mb(files),
+        "memory_budget_mb": memory_budget_mb, "threads": plan.threads,
         "micro_batch": plan.micro_batch, "batch": plan.batch, "exact_schedule": plan.exact, "lean": plan.lean,
         "heap": heap,
         "estimate_mb": round(plan.estimate_mb, 1),
@@ -240,6 +244,23 @@ def train_from_pack(p, output, memory_budget_mb: Optional[float] = None, threads
     return result
 
 
+def converter_peak_rss_mb(files: Dict[str, Any]) -> Optional[float]:
+    """Peak RSS of the TFLite converter process (TensorFlow, without torch: see :mod:`edge_ser.export_tflite`),
+    MB, as it measured itself; where it could not (no /proc, or it failed), the peak of this process's waited-for
+    children (``ru_maxrss``: an upper bound, it counts this process's own pages at the start). None: no conversion
+    process was started."""
+    process = (files.get("tflite") or {}).get("converter_process")
+    if not isinstance(process, dict):
+        return None
+    own = process.get("peak_rss_mb")
+    return round(float(own if own is not None else memory.peak_rss_mb(children=True)), 1)
+
+
+def peak_rss_with_converter_mb(files: Dict[str, Any]) -> float:
+    """train-local's peak RSS, MB: this process's, or the TFLite converter process's where that was higher."""
+    return max(memory.peak_rss_mb(), converter_peak_rss_mb(files) or 0.0)
+
+
 def refuse_collapsed_int8(folder: Path, files: Dict[str, Any], threshold: float, warn) -> None:
     """Remove each int8 model (ONNX, TFLite) whose top-1 agreement with fp32 on the pack's own vectors is
     below ``threshold`` (e.g. a quantisation that collapsed to one class); ``listen`` then runs fp32."""
@@ -250,6 +271,8 @@ def refuse_collapsed_int8(folder: Path, files: Dict[str, Any], threshold: float,
             continue
         (Path(folder) / name).unlink(missing_ok=True)
         files[key] = {"refused": True, "agreement_vs_fp32": info["agreement_vs_fp32"], "threshold": threshold}
+        if "converter_process" in info:      # (its memory still counts in peak_rss_mb)
+            files[key]["converter_process"] = info["converter_process"]
         warn(f"{name} refused: its top-1 agrees with fp32 on only {agree:.0%} of the pack's vectors (threshold "
              f"{threshold:.0%}); the fp32 model (model.onnx) is used instead")
 

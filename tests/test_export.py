@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -93,3 +94,118 @@ def test_agreement_warning_when_int8_drops():
     a = np.eye(4, dtype=np.float32)
     assert agreement(a, a)["argmax_agreement"] == 1.0
     assert agreement(a, a[::-1].copy())["argmax_agreement"] == 0.0
+
+
+# ------------------------------------------------------------------ the TFLite converter process (no TensorFlow needed)
+
+def _fake_converter(monkeypatch, tmp_path, script: str):
+    """Make export_tflite's converter process run ``script`` (cwd = its work folder) with temp folders in tmp_path."""
+    import sys
+    import tempfile
+
+    from edge_ser import export_tflite
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    monkeypatch.setattr(export_tflite, "_child_command", lambda work: [sys.executable, "-c", script])
+    return export_tflite
+
+
+def test_tflite_converter_process_imports_no_torch(tmp_path):
+    """The converter entry (``python -m edge_ser.export_tflite WORKDIR``) never imports torch: TensorFlow and torch
+    are then never resident in one process. -X importtime lists every module the child imports."""
+    import os
+    import re
+    import subprocess
+    import sys
+
+    from edge_ser import export_tflite
+
+    env = export_tflite._child_env()
+    assert env["PYTHONPATH"].split(os.pathsep)[0] == str(Path(export_tflite.__file__).resolve().parent.parent)
+    proc = subprocess.run([sys.executable, "-X", "importtime", *export_tflite._child_command(str(tmp_path))[1:]],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1                                    # no inputs in the folder: a clean failure
+    assert "inputs.json" in json.loads((tmp_path / "error.json").read_text())["error"]
+    imported = [line.rsplit("|", 1)[-1].strip() for line in proc.stderr.splitlines() if line.startswith("import time:")]
+    assert "numpy" in imported and "edge_ser.files" in imported
+    assert not [m for m in imported if re.match(r"(torch|tensorflow)(\.|$)", m)]
+
+
+@pytest.mark.parametrize("script, expected", [
+    ("import sys; print('Keras prints its signature'); sys.stderr.write('I0000 absl noise\\nTraceback (most recent "
+     "call last):\\nValueError: boom\\n'); sys.exit(3)",
+     "TFLite int8 conversion failed: the converter process exited with status 3: ValueError: boom"),
+    ("import json, sys; print('noise'); open('error.json', 'w').write(json.dumps({'error': 'TFLite export needs "
+     "TensorFlow (no module)\\n named tensorflow'})); sys.exit(1)",
+     "TFLite export needs TensorFlow (no module) named tensorflow"),
+    ("import os, signal, sys; sys.stderr.write('noise\\n'); sys.stderr.flush(); os.kill(os.getpid(), signal.SIGKILL)",
+     "TFLite int8 conversion failed: the converter process was killed by signal 9 (out of memory?): noise"),
+    ("import sys; sys.exit(0)",          # exits 0 without a result: still an error, not a KeyError
+     "TFLite int8 conversion failed: the converter process exited with status 0"),
+])
+def test_tflite_converter_failure_is_one_line(monkeypatch, tmp_path, capfd, script, expected):
+    export_tflite = _fake_converter(monkeypatch, tmp_path, script)
+    with pytest.raises(RuntimeError) as info:
+        export_tflite._convert_in_child({"metadata": {}}, {"calib": np.zeros((2, 4, 5), np.float32)}, timeout=120)
+    assert str(info.value) == expected
+    assert list(tmp_path.iterdir()) == []                          # its temporary folder is gone
+    out, err = capfd.readouterr()
+    assert "noise" not in out + err and "Keras" not in out + err   # the child's output never reaches the terminal
+
+
+def test_tflite_converter_timeout_stops_it(monkeypatch, tmp_path):
+    import time
+
+    export_tflite = _fake_converter(monkeypatch, tmp_path, "import time; time.sleep(120)")
+    t0 = time.monotonic()
+    with pytest.raises(RuntimeError, match=r"did not finish in 1 s; its process was stopped"):
+        export_tflite._convert_in_child({"metadata": {}}, {"calib": np.zeros((2, 4, 5), np.float32)}, timeout=1)
+    assert time.monotonic() - t0 < 30
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_tflite_converter_inputs_round_trip(monkeypatch, tmp_path):
+    """What the parent writes is what the child reads (dtypes, values, metadata), and its bytes come back."""
+    script = ("import json, numpy as np; c = json.load(open('inputs.json')); z = np.load('inputs.npz');"
+              "ok = z['calib'].dtype == np.float32 and z['mean'].dtype == np.float64 and c['metadata']['k'] == 'é';"
+              "open('model.tflite', 'wb').write(b'TFL3' + z['calib'].tobytes());"
+              "open('result.json', 'w').write(json.dumps({'tensorflow': 'x', 'ok': bool(ok)}))")
+    export_tflite = _fake_converter(monkeypatch, tmp_path, script)
+    calib = np.arange(40, dtype=np.float32).reshape(2, 4, 5)
+    flat, report = export_tflite._convert_in_child({"metadata": {"k": "é"}},
+                                                   {"calib": calib, "mean": np.zeros(4)}, timeout=120)
+    assert report == {"tensorflow": "x", "ok": True}
+    assert flat == b"TFL3" + calib.tobytes()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_export_failure_carries_the_converter_process(monkeypatch, tmp_path):
+    from edge_ser.config import default_model_config
+    from edge_ser.models import build_model
+
+    (tmp_path / "tmp").mkdir()
+    export_tflite = _fake_converter(monkeypatch, tmp_path / "tmp", "import sys; sys.exit(5)")
+    model = build_model(default_model_config(8), seed=0)
+    X = np.zeros((3, model.cfg.n_mels, model.cfg.num_frames), np.float32)
+    with pytest.raises(RuntimeError, match="exited with status 5") as info:
+        export_tflite.export_tflite_int8(model, X, tmp_path / "m.tflite", {"pack_id": "p"})
+    assert info.value.converter_process == {"peak_rss_mb": None, "torch_imported": None, "seconds": None}
+    assert not (tmp_path / "m.tflite").exists() and list((tmp_path / "tmp").iterdir()) == []
+
+
+def test_train_local_peak_counts_the_converter_process(tmp_path):
+    """peak_rss_mb is the larger of train-local's process and its converter process, also when the converter's
+    model was refused or the export failed after it ran (then ru_maxrss of the children stands in)."""
+    from edge_ser import local, memory
+
+    assert local.converter_peak_rss_mb({"onnx": {"file": "model.onnx"}}) is None
+    assert local.peak_rss_with_converter_mb({}) >= memory.peak_rss_mb() * 0.99
+    big = {"tflite": {"file": "model.int8.tflite", "converter_process": {"peak_rss_mb": 123456.0}}}
+    assert local.converter_peak_rss_mb(big) == local.peak_rss_with_converter_mb(big) == 123456.0
+    failed = {"tflite": {"file": None, "error": "x", "converter_process": {"peak_rss_mb": None}}}
+    assert local.converter_peak_rss_mb(failed) == round(memory.peak_rss_mb(children=True), 1)
+    (tmp_path / "model.int8.tflite").write_bytes(b"x")
+    files = {"tflite": {"agreement_vs_fp32": {"argmax_agreement": 0.1}, "converter_process": {"peak_rss_mb": 700.0}}}
+    local.refuse_collapsed_int8(tmp_path, files, 0.8, lambda msg: None)
+    assert files["tflite"]["refused"] and local.converter_peak_rss_mb(files) == 700.0
+    assert not (tmp_path / "model.int8.tflite").exists()

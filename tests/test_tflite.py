@@ -104,6 +104,9 @@ def test_small_and_fully_integer(exported):
     floats = [t for t in graph["tensors"] if t["dtype"] == "float32"]
     assert len(floats) == 2  # the model input and output only
     assert is_fully_integer(graph) and info["fully_integer"]
+    # TensorFlow ran in a process of its own, without torch (what keeps train-local under 1 GB)
+    assert info["converter_process"]["torch_imported"] is False
+    assert 100 < info["converter_process"]["peak_rss_mb"] < 1024
     # the real interpreter sees the same: int8 weights, float32 only at the edges
     runner = load_tflite(path)
     details = runner._it.get_tensor_details()
@@ -144,6 +147,23 @@ def test_bad_inputs_give_clear_errors(exported, tmp_path):
     with pytest.raises(ValueError, match="ConvNet only"):
         export_tflite_int8(build_model(ModelConfig(arch="cnn6"), 0), X, tmp_path / "m.tflite", {})
     assert not (tmp_path / "m.tflite").exists()
+
+
+@needs_all
+def test_conversion_is_quiet_and_repeatable(exported, tmp_path, capfd):
+    """TensorFlow's native and absl log lines (and Keras's printed signature) never reach the terminal, and the
+    same model and calibration data give the same bytes again."""
+    from edge_ser.export_tflite import export_tflite_int8
+
+    model, _, path = exported
+    X, _ = _toy_data(64, 0)
+    capfd.readouterr()
+    again = tmp_path / "again.tflite"
+    export_tflite_int8(model, X, again, {"pack_id": "pack-123", "classes": CLASSES,
+                                          "feature_config": FeatureConfig().to_dict()})
+    out, err = capfd.readouterr()
+    assert out == "" and err == "", (out[-500:], err[-500:])
+    assert again.read_bytes() == path.read_bytes()
 
 
 @needs_all
