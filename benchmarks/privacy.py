@@ -22,22 +22,23 @@ DEFAULT_OUT = Path(__file__).parent / "results" / "privacy.json"
 PLOT = Path(__file__).parent / "privacy.png"
 
 
-def run_row(corpus, method, ipc, test_speakers, seed, shadows, reid_epochs, workdir, params=None, iterations=None):
+def run_row(corpus, method, ipc, test_speakers, seed, shadows, reid_epochs, workdir, params=None, iterations=None,
+            threads=None):
     import edge_ser
     from edge_ser.privacy import AuditConfig, audit
 
-    path = Path(workdir) / f"{method}_ipc{ipc}_seed{seed}.pack"
+    path = Path(workdir) / f"{label(method, params).replace('[', '_').replace(']', '').replace(',', '_')}_ipc{ipc}_seed{seed}.pack"
     t0 = time.perf_counter()
     info = edge_ser.pack(corpus, path, method=method, ipc=ipc, test_speakers=test_speakers, seed=seed,
-                         progress=False, params=params, iterations=iterations)
+                         progress=False, params=params, iterations=iterations, threads=threads)
     pack_seconds = time.perf_counter() - t0
     report = audit(path, corpus, test_speakers=test_speakers, out_dir=Path(workdir) / f"{path.stem}.audit",
-                   config=AuditConfig(shadows=shadows, reid_epochs=reid_epochs, audio_examples=1))
+                   config=AuditConfig(shadows=shadows, reid_epochs=reid_epochs, audio_examples=1), threads=threads)
     keep = ("samples", "near_copies", "dcr_near_copies", "ratio_min", "ratio_median", "nndr_min", "nndr_median",
             "reid_rate", "reid_chance", "reid_confidence", "reid_attacker_accuracy", "mia_attack", "mia_auc",
             "mia_tpr_at_1pct_fpr", "mia_tpr_at_0.1pct_fpr", "mia_speaker_auc", "mia_speaker_tpr_at_1pct_fpr",
             "epsilon", "device_uar", "verdict", "mia", "shadows", "real_clips_declared", "seconds")
-    row = {"method": method, "ipc": ipc, "seed": seed, "pack_bytes": info["bytes"],
+    row = {"method": method, "label": label(method, params), "ipc": ipc, "seed": seed, "pack_bytes": info["bytes"],
            "distill_seconds": info["distill_seconds"], "pack_seconds": round(pack_seconds, 1),
            **{k: report[k] for k in keep}}
     row["audit_seconds"] = row.pop("seconds")
@@ -46,12 +47,17 @@ def run_row(corpus, method, ipc, test_speakers, seed, shadows, reid_epochs, work
     return row
 
 
+def label(method, params=None) -> str:
+    """A row's name: the method, and its ``--param`` overrides when there are any (``fixed-init[init_select=gaussian]``)."""
+    return method + (f"[{','.join(f'{k}={v}' for k, v in sorted(params.items()))}]" if params else "")
+
+
 def table(rows) -> str:
     head = (f"{'method':<11}{'ipc':>4}{'UAR':>8}{'copies':>9}{'re-id':>8}{'chance':>8}{'MIA':>10}{'AUC':>7}"
             f"{'TPR@1%':>8}{'spk AUC':>9}{'eps':>6}{'bytes':>11}")
     lines = [head]
     for r in rows:
-        lines.append(f"{r['method']:<11}{r['ipc']:>4}{r['device_uar']:>8.1%}{r['near_copies']:>4}/{r['samples']:<4}"
+        lines.append(f"{r.get('label', r['method']):<11}{r['ipc']:>4}{r['device_uar']:>8.1%}{r['near_copies']:>4}/{r['samples']:<4}"
                      f"{r['reid_rate']:>8.1%}{r['reid_chance']:>8.1%}{r['mia_attack']:>10}{r['mia_auc']:>7.3f}"
                      f"{r['mia_tpr_at_1pct_fpr']:>8.1%}{r['mia_speaker_auc']:>9.3f}"
                      f"{'-' if r['epsilon'] is None else r['epsilon']:>6}{r['pack_bytes']:>11,}")
@@ -98,6 +104,7 @@ def main(argv=None):
     ap.add_argument("--reid-epochs", type=int, default=30)
     ap.add_argument("--param", action="append", metavar="METHOD:KEY=VALUE", default=[],
                     help="a method setting for that method's rows, e.g. fixed-init:iterations=10")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads per distillation (1: two runs side by side)")
     ap.add_argument("--out", default=str(DEFAULT_OUT))
     ap.add_argument("--workdir", default=None, help="where packs and audits go (default: a temp folder)")
     ap.add_argument("--quick", action="store_true", help="demo corpus, a random pack at IPC 2 trained 60 steps, 2 shadows")
@@ -131,18 +138,18 @@ def main(argv=None):
     out = Path(a.out)
     existing = json.loads(out.read_text()) if out.exists() and not a.quick else {}
     rows = [r for r in existing.get("rows", [])]
-    done = {(r["method"], r["ipc"], r["seed"]) for r in rows}
+    done = {(r.get("label", r["method"]), r["ipc"], r["seed"]) for r in rows}
     work = Path(a.workdir) if a.workdir else Path(tempfile.mkdtemp(prefix="edge-ser-privacy-"))
     work.mkdir(parents=True, exist_ok=True)
     for ipc in ipcs:
         for method in methods:
-            if (method, ipc, a.seed) in done:
+            if (label(method, params.get(method)), ipc, a.seed) in done:
                 continue
             t0 = time.perf_counter()
             sys.stderr.write(f"== {method} ipc {ipc}\n")
             row = run_row(corpus, method, ipc, a.test_speakers, a.seed,
                           shadows if method in shadow_methods else 0, reid_epochs, work,
-                          params=params.get(method), iterations=iterations.get(method))
+                          params=params.get(method), iterations=iterations.get(method), threads=a.threads)
             row["row_seconds"] = round(time.perf_counter() - t0, 1)
             rows.append(row)
             write_json(out, {"benchmark": "privacy", "quick": a.quick, "machine": info, "corpus": str(Path(corpus).name),

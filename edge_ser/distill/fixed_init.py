@@ -122,6 +122,30 @@ def mixture_init(train: FeatureSet, ipc: int, model_cfg: ModelConfig, states, cl
     return np.stack(out).astype(np.float32)
 
 
+def gaussian_init(train: FeatureSet, ipc: int, rank: int, seed: int) -> np.ndarray:
+    """``ipc`` samples per class drawn from a class-conditional Gaussian in log-Mel space: the class mean plus
+    ``rank`` principal directions of the class's clips with their own variances. No sample is a clip: each is
+    the class average moved along directions that many clips share (a direction that one clip dominated would
+    need ``rank`` near the number of clips; the audit measures what is left)."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for c in range(train.num_classes):
+        Xc = train.X[train.y == c].reshape(int((train.y == c).sum()), -1).astype(np.float64)
+        mu = Xc.mean(0)
+        D = Xc - mu
+        k = int(min(rank, len(Xc) - 1))
+        if k > 0:
+            # the top-k eigenvectors of the clip-by-clip Gram matrix give the principal directions cheaply
+            w, U = np.linalg.eigh(D @ D.T)
+            w, U = np.clip(w[::-1][:k], 0, None), U[:, ::-1][:, :k]
+            V = (U.T @ D) / np.sqrt(np.maximum(w, 1e-12))[:, None]          # (k, features), unit rows
+            coef = rng.standard_normal((ipc, k)) * np.sqrt(w / max(1, len(Xc) - 1))[None]
+            out.append(mu[None] + coef @ V)
+        else:
+            out.append(np.repeat(mu[None], ipc, axis=0))
+    return np.concatenate(out).reshape(-1, *train.X.shape[1:]).astype(np.float32)
+
+
 def distill_fixed_init(train: FeatureSet, cfg: DistillConfig, model_cfg: ModelConfig,
                        theta0: Mapping[str, np.ndarray], val: Optional[FeatureSet] = None, progress: bool = False,
                        workdir=None) -> SyntheticSet:
@@ -163,6 +187,8 @@ def distill_fixed_init(train: FeatureSet, cfg: DistillConfig, model_cfg: ModelCo
         X0 = train.X[herding_init(train, cfg.ipc, model_cfg, [t.state(t.epochs) for t in experts])]
     elif cfg.init == "real" and s.init_select == "mixture":
         X0 = mixture_init(train, cfg.ipc, model_cfg, [t.state(t.epochs) for t in experts], s.mix_clips)
+    elif cfg.init == "real" and s.init_select == "gaussian":
+        X0 = gaussian_init(train, cfg.ipc, s.gauss_rank, cfg.seed)
     if s.teacher_labels:
         y0 = expert_soft_labels(X0, model_cfg, [t.state(t.epochs) for t in experts], s.temperature)
     else:

@@ -136,6 +136,7 @@ class FixedInitSettings(MethodSettings):
     # 2. the starting set
     init_select: str = "herding"        # "herding" (experts' embedding), "random" real clips, "mixture" (no real clip)
     mix_clips: int = 8                  # "mixture": same-class clips (one per speaker) averaged into each sample
+    gauss_rank: int = 16                # "gaussian": principal directions per class the samples vary along
     teacher_labels: bool = False        # label clips with the experts' softened predictions instead of the class
     temperature: float = 2.0            # softening of teacher_labels
     # 3. trajectory matching
@@ -171,7 +172,7 @@ class FixedInitSettings(MethodSettings):
 
     def check(self) -> None:
         _choice(self, "expert_optimizer", ("sgd", "adam"))
-        _choice(self, "init_select", ("herding", "random", "mixture"))
+        _choice(self, "init_select", ("herding", "random", "mixture", "gaussian"))
         _choice(self, "anchor", ("expert", "student"))
         _choice(self, "select_on", ("val", "val_train"))
         _choice(self, "decay", ("none", "cosine"))
